@@ -1,0 +1,1 @@
+"""vmmd test guests: sources, builder (build.py) and output checkers (checks.py)."""
