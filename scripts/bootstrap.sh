@@ -1,0 +1,33 @@
+# Sourced by scripts/boot and scripts/test: everything a fresh machine needs.
+# Idempotent and cheap when nothing changed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+need_apt=()
+command -v as >/dev/null || need_apt+=(binutils)
+command -v gcc >/dev/null || need_apt+=(gcc)
+command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "bootstrap: installing ${need_apt[*]}" >&2
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# apt-get download needs package lists; a fresh machine may have none.
+if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
+    echo "bootstrap: apt-get update" >&2
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi
+fi
+
+stamp="$VENV/.vmmd-deps"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "bootstrap: creating $VENV" >&2
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
+    echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,122 @@
+"""Run vmmd as a subprocess in tests: start, read the guest console, call the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class VmmdProcess:
+    """One vmmd run. COM1 goes to a file the test reads; the API socket is always on."""
+
+    def __init__(self, tmp_path: Path, args: list[str], *, com1: str | None = "file",
+                 sandbox: str = "on", extra_env: dict | None = None):
+        self.tmp = tmp_path
+        self.console = tmp_path / "com1.out"
+        self.api = str(tmp_path / "api.sock")
+        self.stderr_path = tmp_path / "vmmd.stderr"
+        cmd = [sys.executable, "-m", "vmmd.cli", "--api-socket", self.api, "--sandbox", sandbox]
+        if com1 == "file":
+            cmd += ["-l", f"com1,file,{self.console}"]
+        cmd += args
+        self.cmd = cmd
+        env = dict(os.environ)
+        env.update(extra_env or {})
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._stderr,
+                                     stderr=self._stderr, env=env, start_new_session=True)
+
+    # -- console --------------------------------------------------------------
+    def output(self) -> str:
+        try:
+            return self.console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float, start: int = 0) -> str:
+        """Wait until `text` appears in the console output (after offset `start`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.output()
+            if text in out[start:]:
+                return out
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(
+            f"{text!r} not seen within {timeout}s (vmmd exit {self.proc.poll()}).\n"
+            f"console tail: {self.output()[-2000:]!r}\nstderr tail: {self.stderr()[-4000:]}")
+
+    # -- API --------------------------------------------------------------------
+    def wait_api(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(self.api):
+                try:
+                    self.rpc("vmm.version")
+                    return
+                except OSError:
+                    pass
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vmmd exited {self.proc.returncode}: {self.stderr()[-4000:]}")
+            time.sleep(0.05)
+        raise AssertionError("the API socket never answered")
+
+    def rpc_raw(self, request: dict | list | bytes, timeout: float = 30.0):
+        data = request if isinstance(request, bytes) else json.dumps(request).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(self.api)
+            s.sendall(data + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf) if buf else None
+
+    def rpc(self, method: str, params: dict | None = None, timeout: float = 30.0):
+        req = {"jsonrpc": "2.0", "id": 1, "method": method}
+        if params is not None:
+            req["params"] = params
+        reply = self.rpc_raw(req, timeout)
+        if "error" in reply:
+            raise RpcError(reply["error"])
+        return reply["result"]
+
+    # -- end ----------------------------------------------------------------------
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"vmmd did not exit within {timeout}s; stderr: {self.stderr()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        self._stderr.close()
+
+
+class RpcError(Exception):
+    def __init__(self, error: dict):
+        super().__init__(f"{error.get('code')}: {error.get('message')}")
+        self.code = error.get("code")
+        self.error = error

@@ -1,0 +1,269 @@
+"""A virtual machine: KVM objects, guest memory, vCPUs and device processes.
+
+The Machine runs on vmmd's main asyncio loop. vCPU threads and device events
+reach it through thread-safe callbacks; everything that changes the VM as a
+whole (reset, shutdown, pause) happens here, on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bus.types import PROTOCOL_VERSION
+from vmmd import assists, boot_setup
+from vmmd.api.methods import NoSuchDevice, VmStateError
+from vmmd.chipset import NullPorts, ResetControl
+from vmmd.devlink import DeviceSpec
+from vmmd.guest_memory import GuestMemory
+from vmmd.iospace import IoSpaceMap
+from vmmd.kvm import Kvm
+from vmmd.runcontrol import RunControl, install_kick_handler
+from vmmd.supervisor import Supervisor, become_subreaper
+from vmmd.vcpu import VcpuEvents, VcpuThread
+
+log = logging.getLogger(__name__)
+
+# ISA interrupt lines the LPC bridge's devices may drive: COM2, COM1, RTC.
+LPC_GSIS = frozenset({3, 4, 8})
+
+
+class Machine:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.state = "created"
+        self.exit_code = 0
+        self.started_at = time.monotonic()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future | None = None
+        self._transition = asyncio.Lock()
+        self.kvm = Kvm()
+        self.memory = GuestMemory.create(cfg.memory)
+        self.iospace = IoSpaceMap()
+        self.assists = assists.AssistSet(self._assists_enabled())
+        self.reset_control = ResetControl(self._vcpu_reset)
+        self.null_ports = NullPorts()
+        for owner in (self.reset_control, self.null_ports):
+            for r in owner.RANGES:
+                self.iospace.add(r, owner, type(owner).__name__)
+        self.vm = None
+        self.vcpus = []
+        self.threads: list[VcpuThread] = []
+        self.control = RunControl()
+        self.rundir = tempfile.mkdtemp(prefix="vmmd-")
+        self.supervisor: Supervisor | None = None
+        self.resets = 0
+
+    def _assists_enabled(self) -> bool:
+        mode = self.cfg.pvm_assists
+        return mode == "on" or (mode == "auto" and assists.host_is_pvm())
+
+    # -- life cycle ------------------------------------------------------------
+    async def run(self) -> int:
+        """Boot the VM and serve until it ends; returns vmmd's exit code."""
+        self.loop = asyncio.get_running_loop()
+        self._done = self.loop.create_future()
+        install_kick_handler()
+        become_subreaper()
+        self.supervisor = Supervisor(
+            loop=self.loop, rundir=self.rundir, memory=self.memory, iospace=self.iospace,
+            irq_line=self._irq_line, on_request=self._device_request,
+            sandbox=self.cfg.sandbox, timeout=self.cfg.device_timeout)
+        try:
+            for spec in self._device_specs():
+                await self.supervisor.start(self.supervisor.add(spec))
+            self._build_vm()
+            self._start_vcpus()
+            self.state = "running"
+            self.started_at = time.monotonic()
+            return await self._done
+        finally:
+            await self._teardown()
+
+    def _device_specs(self) -> list[DeviceSpec]:
+        specs = []
+        for slot in self.cfg.slots:
+            if slot.device == "lpc":
+                consoles = dict(self.cfg.consoles)
+                specs.append(DeviceSpec(
+                    id="lpc", kind="lpc", slot=slot.slot, function=slot.function,
+                    options={"com1": consoles.get("com1"), "com2": consoles.get("com2"),
+                             "memory_low": self.memory.layout.regions[0].size,
+                             "memory_high": sum(r.size for r in self.memory.layout.regions[1:])},
+                    allowed_gsis=LPC_GSIS,
+                    stdio="stdio" in consoles.values()))
+            elif slot.device == "hostbridge":
+                continue
+            else:
+                raise SystemExit(f"vmmd: error: device {slot.device!r} is not available yet")
+        return specs
+
+    def _build_vm(self) -> None:
+        """Create the KVM VM, load the guest, set every vCPU's initial state."""
+        vm = self.kvm.create_vm()
+        boot_setup.create_platform(vm)
+        for slot, region in enumerate(self.memory.layout.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, self.memory.host_address(region))
+        self.vm = vm
+        self.vcpus = [vm.create_vcpu(i) for i in range(self.cfg.cpus)]
+        boot_setup.load_guest(self.cfg, self.memory, self.vcpus, self.kvm, self.assists.enabled)
+
+    def _start_vcpus(self) -> None:
+        self.control = RunControl()
+        events = VcpuEvents(reset=self._vcpu_reset, shutdown=self._vcpu_shutdown, failed=self._vcpu_failed)
+        self.threads = [VcpuThread(v, self.iospace, self.control, events, self.assists) for v in self.vcpus]
+        for t in self.threads:
+            t.start()
+
+    async def _stop_vcpus(self) -> None:
+        self.control.stop()
+        for t in self.threads:
+            await self.loop.run_in_executor(None, t.join, 5.0)
+            if t.alive:
+                log.error("vcpu%d did not stop", t.index)
+        self.threads = []
+
+    def _close_vm(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+
+    async def _teardown(self) -> None:
+        await self._stop_vcpus()
+        if self.supervisor:
+            await self.supervisor.stop_all()
+        self._close_vm()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def _finish(self, code: int) -> None:
+        if self._done is not None and not self._done.done():
+            self.state = "shutdown"
+            self._done.set_result(code)
+
+    # -- callbacks from vCPU threads and devices -------------------------------
+    def _vcpu_reset(self, why: str) -> None:
+        self.loop.call_soon_threadsafe(self._on_guest_reset, why)
+
+    def _vcpu_shutdown(self, why: str) -> None:
+        self.loop.call_soon_threadsafe(self._on_guest_shutdown, why)
+
+    def _vcpu_failed(self, index: int, why: str) -> None:
+        self.loop.call_soon_threadsafe(self._on_vcpu_failed, index, why)
+
+    def _on_guest_reset(self, why: str) -> None:
+        if self.state in ("shutdown", "resetting"):
+            return
+        if self.cfg.no_reboot:
+            log.info("guest reset (%s): exiting (--no-reboot)", why)
+            self._finish(0)
+        else:
+            log.info("guest reset (%s)", why)
+            self.loop.create_task(self.reset())
+
+    def _on_guest_shutdown(self, why: str) -> None:
+        log.info("guest shutdown (%s)", why)
+        self._finish(0)
+
+    def _on_vcpu_failed(self, index: int, why: str) -> None:
+        log.error("vcpu%d stopped the VM: %s", index, why)
+        self.exit_code = 1
+        self._finish(1)
+
+    def _irq_line(self, gsi: int, level: bool) -> None:
+        if self.vm is not None:
+            self.vm.irq_line(gsi, 1 if level else 0)
+
+    def _device_request(self, dev, what: str, args: dict) -> None:
+        if what == "quit":
+            log.info("device %s asked to quit", dev.spec.id)
+            self._finish(0)
+        elif what == "reset":
+            self._on_guest_reset(f"reset requested by {dev.spec.id}")
+        else:
+            log.warning("device %s made an unknown request %r", dev.spec.id, what)
+
+    # -- VmControl (JSON-RPC) ----------------------------------------------------
+    def info(self) -> dict:
+        return {
+            "state": self.state,
+            "vcpus": self.cfg.cpus,
+            "memory_bytes": self.memory.size,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "devices": self.devices(),
+            "resets": self.resets,
+            "assists": dict(self.assists.counts),
+            "protocol": PROTOCOL_VERSION,
+        }
+
+    def devices(self) -> list[dict]:
+        return [d.describe() for d in self.supervisor.devices.values()] if self.supervisor else []
+
+    async def pause(self) -> None:
+        async with self._transition:
+            if self.state != "running":
+                raise VmStateError(f"cannot pause a VM that is {self.state}")
+            ok = await self.loop.run_in_executor(None, self.control.pause, 10.0)
+            if not ok:
+                self.control.resume()
+                raise VmStateError("vCPUs did not stop within 10 s")
+            self.state = "paused"
+
+    async def resume(self) -> None:
+        async with self._transition:
+            if self.state != "paused":
+                raise VmStateError(f"cannot resume a VM that is {self.state}")
+            for v in self.vcpus:
+                try:
+                    v.kvmclock_ctrl()  # tell the guest it was stopped, not hung
+                except OSError:
+                    pass  # the guest has not enabled kvm-clock yet
+            self.control.resume()
+            self.state = "running"
+
+    async def reset(self) -> None:
+        async with self._transition:
+            if self.state not in ("running", "paused"):
+                raise VmStateError(f"cannot reset a VM that is {self.state}")
+            self.state = "resetting"
+            await self._stop_vcpus()
+            self._close_vm()
+            self.memory.clear()
+            for dev in self.supervisor.devices.values():
+                try:
+                    await self.loop.run_in_executor(None, dev.control, "reset")
+                except Exception as exc:
+                    log.warning("device %s reset failed: %s", dev.spec.id, exc)
+            self._build_vm()
+            self._start_vcpus()
+            self.resets += 1
+            self.state = "running"
+
+    async def shutdown(self) -> None:
+        if self.state == "shutdown":
+            raise VmStateError("the VM is already shut down")
+        # Let the JSON-RPC reply go out before the loop winds down.
+        self.loop.call_soon(self._finish, 0)
+
+    async def restart_device(self, device_id: str) -> None:
+        dev = self.supervisor.devices.get(device_id) if self.supervisor else None
+        if dev is None:
+            raise NoSuchDevice(f"no device {device_id!r}")
+        await self.supervisor.restart(dev)
+
+    def vcpu_stats(self) -> list[dict]:
+        return [{"index": t.index, "exits": dict(t.stats.exits)} for t in self.threads]
+
+
+def load_file(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+__all__ = ["Machine", "load_file", "os"]

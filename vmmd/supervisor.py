@@ -1,0 +1,328 @@
+"""Device processes: spawn, watch, restart.
+
+vmmd is a child subreaper: a device launcher unshares its namespaces, forks
+the real device (pid 1 of a new pid namespace), reports the device's pid on
+a status pipe and exits, so vmmd adopts the device and watches it through a
+pidfd. An exit is noticed at once (the pidfd becomes readable in the event
+loop); the device is restarted with exponential backoff against crash loops,
+and its last register checkpoint is restored into the new process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import zmq
+
+from bus import endpoint as bus_endpoint
+from bus import protocol
+from bus.types import IoRange, IoSpace, MsgType
+from vmmd.devlink import DeviceSpec, Incarnation, ManagedDevice, close_incarnation
+
+log = logging.getLogger(__name__)
+
+_PR_SET_CHILD_SUBREAPER = 36
+BACKOFF_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+STABLE_AFTER = 30.0  # a device that ran this long resets its backoff
+SPAWN_TIMEOUT = 20.0
+
+
+def become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+class SpawnError(RuntimeError):
+    pass
+
+
+class Supervisor:
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, rundir: str, memory,
+                 iospace, irq_line, on_request, sandbox: str, timeout: float):
+        self.loop = loop
+        self.rundir = rundir
+        self.memory = memory
+        self.iospace = iospace
+        self.irq_line = irq_line  # callable(gsi, level) on the main loop
+        self.on_request = on_request  # callable(device, what, args)
+        self.sandbox = sandbox
+        self.timeout = timeout
+        self.ctx = zmq.Context.instance()
+        self.devices: dict[str, ManagedDevice] = {}
+        self._restart_tasks: dict[str, asyncio.Task] = {}
+        self._stopping = False
+        self.msi = None  # callable(address, data), set once MSI routing exists
+
+    # -- spawning ----------------------------------------------------------------
+    def add(self, spec: DeviceSpec) -> ManagedDevice:
+        dev = ManagedDevice(spec, self.timeout, self.sandbox)
+        dev.on_failure = lambda d, why: self.loop.call_soon_threadsafe(self._on_failure, d, why)
+        self.devices[spec.id] = dev
+        return dev
+
+    async def start(self, dev: ManagedDevice) -> None:
+        inc, hello = await self.loop.run_in_executor(None, self._spawn_blocking, dev)
+        self._attach(dev, inc, hello)
+
+    def _bootstrap(self, dev: ManagedDevice, gen: int, channel, pass_fds: list[int]) -> dict:
+        spec = dev.spec
+        mem = self.memory if spec.needs_memory else None
+        return {
+            "id": spec.id, "kind": spec.kind,
+            "req": channel.req_endpoint, "evt": channel.evt_endpoint,
+            "mem_fd": mem.fd if mem else None,
+            "layout": mem.layout.to_wire() if mem else None,
+            "sandbox": self.sandbox, "options": spec.options,
+            "restore": dev.last_checkpoint, "generation": gen,
+        }
+
+    def _spawn_blocking(self, dev: ManagedDevice):
+        """Start one incarnation and complete its handshake (runs in a worker thread)."""
+        spec = dev.spec
+        gen = dev.generation + 1
+        channel = bus_endpoint.VmmChannel(self.ctx, self.rundir, spec.id, gen)
+        status_r, status_w = os.pipe()
+        pass_fds = [status_w]
+        if spec.needs_memory:
+            pass_fds.append(self.memory.fd)
+        boot = self._bootstrap(dev, gen, channel, pass_fds)
+        boot["status_fd"] = status_w
+        cmd = [sys.executable, "-m", f"devices.{spec.kind}", "--bootstrap", json.dumps(boot)]
+        try:
+            proc = subprocess.Popen(
+                cmd, pass_fds=pass_fds,
+                stdin=None if spec.stdio else subprocess.DEVNULL,
+                stdout=None if spec.stdio else sys.stderr.fileno(),
+                close_fds=True)
+        except OSError as exc:
+            os.close(status_r)
+            os.close(status_w)
+            channel.close()
+            raise SpawnError(f"cannot start device {spec.id}: {exc}") from exc
+        os.close(status_w)
+        try:
+            pid = self._read_pid(status_r, proc)
+        finally:
+            os.close(status_r)
+        if pid != proc.pid:
+            proc.wait()  # the launcher exits once it reported the device's pid
+        else:
+            proc.returncode = 0  # no launcher (sandbox off): we reap it via its pidfd
+        pidfd = os.pidfd_open(pid)
+        inc = Incarnation(gen, pid, pidfd, channel)
+        try:
+            hello = channel.handshake(SPAWN_TIMEOUT, pidfd)
+        except Exception as exc:
+            self._kill_and_reap(inc)
+            close_incarnation(inc)
+            raise SpawnError(f"device {spec.id} did not complete its handshake: {exc}") from exc
+        return inc, hello
+
+    @staticmethod
+    def _read_pid(fd: int, proc: subprocess.Popen) -> int:
+        buf = b""
+        deadline = time.monotonic() + SPAWN_TIMEOUT
+        import select
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                raise SpawnError("device launcher did not report a pid")
+            r, _, _ = select.select([fd], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(fd, 64)
+            if not chunk:
+                proc.wait()
+                raise SpawnError(f"device launcher exited with status {proc.returncode} before reporting a pid")
+            buf += chunk
+        line = buf.split(b"\n", 1)[0].decode(errors="replace")
+        if not line.startswith("PID ") or not line[4:].isdigit():
+            raise SpawnError(f"device launcher said {line!r}")
+        return int(line[4:])
+
+    def _attach(self, dev: ManagedDevice, inc: Incarnation, hello) -> None:
+        """Install a new incarnation: ranges, event reader, exit watch."""
+        ranges = [IoRange(IoSpace(s), b, n) for s, b, n in hello.ranges]
+        if ranges != dev.ranges:
+            self.iospace.remove_owner(dev)
+            for r in ranges:
+                self.iospace.add(r, dev, dev.spec.id)
+            dev.ranges = ranges
+        dev.generation = inc.generation
+        dev.current = inc
+        dev.state = "running"
+        sock = inc.channel.evt_socket
+        self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain_events, dev, inc)
+        self.loop.add_reader(inc.pidfd, self._on_exit, dev, inc)
+        log.info("device %s (%s) running as pid %d, generation %d", dev.spec.id, dev.spec.kind,
+                 inc.pid, inc.generation)
+        self._drain_events(dev, inc)  # events queued before the reader existed
+
+    # -- events from devices ---------------------------------------------------
+    def _drain_events(self, dev: ManagedDevice, inc: Incarnation) -> None:
+        sock = inc.channel.evt_socket
+        # The zmq FD is edge-triggered: read until EVENTS says nothing is left.
+        for _ in range(10000):
+            try:
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return  # socket closed under us by a restart
+            try:
+                msg = inc.channel.decode_event(frame)
+            except protocol.ProtocolError as exc:
+                log.warning("device %s sent a bad event: %s", dev.spec.id, exc)
+                continue
+            self._handle_event(dev, msg)
+        # Still more: come back on the next loop iteration instead of starving it.
+        self.loop.call_soon(self._drain_events, dev, inc)
+
+    def _handle_event(self, dev: ManagedDevice, msg) -> None:
+        kind = msg[0] if isinstance(msg, tuple) and not hasattr(msg, "_fields") else None
+        t = type(msg).__name__
+        if t == "IrqLine":
+            if msg.gsi not in dev.spec.allowed_gsis:
+                log.warning("device %s raised GSI %d it does not own", dev.spec.id, msg.gsi)
+                return
+            self.irq_line(msg.gsi, msg.level)
+        elif t == "Msi":
+            if self.msi is None:
+                log.warning("device %s sent an MSI but MSI is not routed", dev.spec.id)
+                return
+            self.msi(msg.address, msg.data)
+        elif t == "Checkpoint":
+            dev.last_checkpoint = msg.state
+        elif t == "Request":
+            self.on_request(dev, msg.what, msg.args)
+        elif t == "Log":
+            log.log(msg.level if msg.level in (10, 20, 30, 40, 50) else 20, "[%s] %s", dev.spec.id, msg.text)
+        elif t == "Error":
+            log.error("[%s] error %d: %s", dev.spec.id, msg.code, msg.text)
+        else:
+            log.warning("device %s sent %s on its event channel", dev.spec.id, t)
+        del kind
+
+    # -- exits and restarts --------------------------------------------------
+    def _detach(self, inc: Incarnation) -> None:
+        try:
+            self.loop.remove_reader(inc.channel.evt_socket.getsockopt(zmq.FD))
+        except (zmq.ZMQError, ValueError, OSError):
+            pass
+        try:
+            self.loop.remove_reader(inc.pidfd)
+        except (ValueError, OSError):
+            pass
+
+    def _on_exit(self, dev: ManagedDevice, inc: Incarnation) -> None:
+        self._detach(inc)
+        status = self._reap(inc.pid)
+        if dev.current is inc:
+            dev.current = None
+            dev.last_exit = status
+            if self._stopping or dev.state == "stopped":
+                dev.state = "stopped"
+            else:
+                dev.state = "crashed"
+                log.error("device %s (pid %d) exited: %s", dev.spec.id, inc.pid, status)
+                self._schedule_restart(dev, time.monotonic() - inc.started)
+        close_incarnation(inc)
+
+    @staticmethod
+    def _reap(pid: int) -> str:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return "exited (status unknown)"
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = str(sig)
+            return f"killed by {name}"
+        return f"exit status {os.WEXITSTATUS(status)}"
+
+    def _on_failure(self, dev: ManagedDevice, why: str) -> None:
+        # A hung or misbehaving device is killed; its exit triggers the restart.
+        inc = dev.current
+        if inc is not None:
+            try:
+                os.kill(inc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _schedule_restart(self, dev: ManagedDevice, ran_for: float) -> None:
+        if ran_for > STABLE_AFTER:
+            dev.failures = 0
+        delay = BACKOFF_DELAYS[min(dev.failures, len(BACKOFF_DELAYS) - 1)]
+        dev.failures += 1
+        task = self.loop.create_task(self._restart_after(dev, delay))
+        self._restart_tasks[dev.spec.id] = task
+
+    async def _restart_after(self, dev: ManagedDevice, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._stopping:
+            return
+        dev.state = "restarting"
+        try:
+            await self.start(dev)
+        except SpawnError as exc:
+            log.error("%s", exc)
+            dev.state = "crashed"
+            self._schedule_restart(dev, 0.0)
+            return
+        dev.restarts += 1
+        log.info("device %s restarted (restart #%d)", dev.spec.id, dev.restarts)
+
+    async def restart(self, dev: ManagedDevice) -> None:
+        """Operator restart: stop the current process, start a fresh one."""
+        task = self._restart_tasks.pop(dev.spec.id, None)
+        if task:
+            task.cancel()
+        inc = dev.current
+        if inc is not None:
+            dev.state = "restarting"
+            dev.current = None
+            self._detach(inc)
+            await self.loop.run_in_executor(None, self._kill_and_reap, inc)
+            close_incarnation(inc)
+        await self.start(dev)
+        dev.restarts += 1
+
+    def _kill_and_reap(self, inc: Incarnation) -> None:
+        try:
+            os.kill(inc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._reap(inc.pid)
+
+    async def stop_all(self) -> None:
+        self._stopping = True
+        for task in self._restart_tasks.values():
+            task.cancel()
+        for dev in self.devices.values():
+            inc = dev.current
+            dev.state = "stopped"
+            if inc is None:
+                continue
+            try:
+                await self.loop.run_in_executor(None, lambda: inc.channel.control("shutdown", {}, 1.0, inc.pidfd))
+            except Exception:
+                pass
+            self._detach(inc)
+            await self.loop.run_in_executor(None, self._kill_and_reap, inc)
+            dev.current = None
+            close_incarnation(inc)
