@@ -1,0 +1,140 @@
+"""The control API's methods and the VmControl interface they call.
+
+vmmd.machine implements VmControl. Other modules add their own methods to the
+registry returned by build_registry(), e.g.
+
+    registry.add("balloon.set", handler, params_schema, result_schema, "summary")
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import vmmd
+from bus.types import PROTOCOL_VERSION
+from vmmd.api import openrpc
+from vmmd.api.jsonrpc import NO_SUCH_DEVICE, VM_STATE_ERROR, ApiError, Registry
+
+VM_STATES = ("created", "running", "paused", "resetting", "shutdown")
+
+
+class VmStateError(ApiError):
+    """The VM's current state forbids the call (e.g. pause while paused)."""
+
+    def __init__(self, message: str, data: Any = None):
+        super().__init__(VM_STATE_ERROR, message, data)
+
+
+class NoSuchDevice(ApiError):
+    """No device with the given id."""
+
+    def __init__(self, message: str, data: Any = None):
+        super().__init__(NO_SUCH_DEVICE, message, data)
+
+
+class VmControl(Protocol):
+    """What the control API needs from the running machine."""
+
+    def info(self) -> dict:
+        """{"state": one of VM_STATES, "vcpus": int, "memory_bytes": int,
+        "uptime_s": float, "devices": int (number of device processes)}"""
+        ...
+
+    async def pause(self) -> None:
+        """Stop all vCPUs; VmStateError unless running."""
+        ...
+
+    async def resume(self) -> None:
+        """Restart the vCPUs; VmStateError unless paused."""
+        ...
+
+    async def reset(self) -> None:
+        """Reset the machine (devices and vCPUs); VmStateError once shut down."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop the VM and its devices; VmStateError if already shut down."""
+        ...
+
+    def devices(self) -> list[dict]:
+        """[{"id": str, "type": str, "pid": int|None, "state": str,
+        "restarts": int, "sandbox": "on"|"log"|"off"}, ...]"""
+        ...
+
+    async def restart_device(self, device_id: str) -> None:
+        """Kill and respawn one device process; NoSuchDevice if unknown."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# Schemas (result schemas are documentation; params schemas are enforced)
+
+DEVICE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"type": "string"},
+        "pid": {"type": ["integer", "null"], "description": "null while not running"},
+        "state": {"type": "string"},
+        "restarts": {"type": "integer", "minimum": 0},
+        "sandbox": {"type": "string", "enum": ["on", "log", "off"]},
+    },
+    "required": ["id", "type", "pid", "state", "restarts", "sandbox"],
+}
+
+INFO_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "state": {"type": "string", "enum": list(VM_STATES)},
+        "vcpus": {"type": "integer", "minimum": 1},
+        "memory_bytes": {"type": "integer", "minimum": 0},
+        "uptime_s": {"type": "number", "minimum": 0},
+        "devices": {"type": "integer", "minimum": 0, "description": "number of device processes"},
+    },
+    "required": ["state", "vcpus", "memory_bytes", "uptime_s", "devices"],
+}
+
+NULL_RESULT = {"type": "null"}
+
+VERSION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "version": {"type": "string", "description": "vmmd version"},
+        "protocol": {"type": "integer", "description": "device bus protocol version"},
+    },
+    "required": ["version", "protocol"],
+}
+
+
+def build_registry(control: VmControl) -> Registry:
+    registry = Registry()
+
+    def action(name: str, call, summary: str) -> None:
+        async def handler(params: dict) -> None:
+            await call()
+        registry.add(name, handler, None, NULL_RESULT, summary)
+
+    registry.add("vm.info", lambda p: control.info(), None, INFO_SCHEMA,
+                 "State, vCPU count, memory size, uptime and device count of the VM")
+    action("vm.pause", control.pause, "Pause all vCPUs")
+    action("vm.resume", control.resume, "Resume paused vCPUs")
+    action("vm.reset", control.reset, "Reset the VM (vCPUs and devices)")
+    action("vm.shutdown", control.shutdown, "Shut the VM down and stop vmmd")
+    registry.add("device.list", lambda p: control.devices(),
+                 None, {"type": "array", "items": DEVICE_SCHEMA},
+                 "Device processes with their pid, state, restart count and sandbox mode")
+
+    async def restart_device(params: dict) -> None:
+        await control.restart_device(params["id"])
+
+    registry.add("device.restart", restart_device,
+                 {"type": "object",
+                  "properties": {"id": {"type": "string", "minLength": 1, "description": "device id"}},
+                  "required": ["id"], "additionalProperties": False},
+                 NULL_RESULT, "Restart one device process")
+    registry.add("vmm.version", lambda p: {"version": vmmd.__version__, "protocol": PROTOCOL_VERSION},
+                 None, VERSION_SCHEMA, "vmmd version and device bus protocol version")
+    registry.add("rpc.discover", lambda p: openrpc.build_document(registry),
+                 None, {"type": "object", "description": "OpenRPC 1.2.6 document"},
+                 "This API as an OpenRPC document")
+    return registry

@@ -1,0 +1,274 @@
+"""vmmctl: command-line client for vmmd's JSON-RPC control socket.
+
+    vmmctl --api-socket PATH [--json] [--timeout S] COMMAND [ARGS]
+
+Exit codes: 0 ok, 1 the call returned a JSON-RPC error, 2 usage error,
+3 cannot talk to vmmd (no socket, refused, timeout, garbled reply).
+A new subcommand is one entry in COMMANDS; a name with a space ("balloon set")
+makes a nested subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import vmmd
+
+EXIT_OK, EXIT_RPC_ERROR, EXIT_USAGE, EXIT_NO_CONNECTION = 0, 1, 2, 3
+DEFAULT_TIMEOUT = 10.0
+MAX_REPLY = 64 << 20
+ENV_SOCKET = "VMMD_API_SOCKET"
+
+
+class ConnectionFailed(Exception):
+    """vmmd could not be reached, or its reply was unusable (exit 3)."""
+
+
+class RpcError(Exception):
+    """vmmd answered with a JSON-RPC error object (exit 1)."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(f"error {code}: {message}")
+        self.code, self.message, self.data = code, message, data
+
+
+# ---------------------------------------------------------------------------
+# Transport: one request line out, one response line back.
+
+def call(path: str, method: str, params: dict | list | None = None,
+         timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Call method on the vmmd control socket at path and return its result."""
+    request = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if params:
+        request["params"] = params
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except socket.timeout:
+            raise ConnectionFailed(f"cannot connect to vmmd API socket {path}: timed out") from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConnectionFailed(f"cannot connect to vmmd API socket {path}: {reason}") from None
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = _read_line(sock)
+        except socket.timeout:
+            raise ConnectionFailed(f"no reply from {path} within {timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectionFailed(f"connection to {path} failed: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    if reply is None:
+        raise ConnectionFailed(f"{path}: vmmd closed the connection without replying")
+    try:
+        response = json.loads(reply)
+    except ValueError:
+        raise ConnectionFailed(f"{path}: reply is not JSON") from None
+    if not isinstance(response, dict) or response.get("id") != 1:
+        raise ConnectionFailed(f"{path}: reply is not a JSON-RPC response to our request")
+    if "error" in response:
+        err = response["error"] if isinstance(response["error"], dict) else {}
+        raise RpcError(err.get("code", 0), str(err.get("message", "")), err.get("data"))
+    return response.get("result")
+
+
+def _read_line(sock: socket.socket) -> bytes | None:
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+        if len(buf) > MAX_REPLY:
+            raise ConnectionFailed("reply too long")
+    return bytes(buf[:buf.index(b"\n")])
+
+
+# ---------------------------------------------------------------------------
+# Human-readable output
+
+def _say(text: str) -> Callable[[Any], str]:
+    return lambda result: text
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def _show_info(info: dict) -> str:
+    lines = []
+    for key, value in info.items():
+        if key == "memory_bytes" and isinstance(value, int):
+            key, value = "memory", _bytes(value)
+        elif key == "uptime_s" and isinstance(value, (int, float)):
+            key, value = "uptime", _duration(value)
+        elif key == "devices" and isinstance(value, list):
+            value = len(value)
+        lines.append(f"{key + ':':<10}{value}")
+    return "\n".join(lines)
+
+
+def _show_devices(devices: list[dict]) -> str:
+    cols = ["id", "type", "pid", "state", "restarts", "sandbox"]
+    return _table([c.upper() for c in cols], [[d.get(c) for c in cols] for d in devices])
+
+
+def _show_version(v: dict) -> str:
+    return f"vmmd {v.get('version')} (device protocol {v.get('protocol')}), vmmctl {vmmd.__version__}"
+
+
+def _show_discover(doc: dict) -> str:
+    methods = doc.get("methods", [])
+    return _table(["METHOD", "SUMMARY"], [[m.get("name"), m.get("summary", "")] for m in methods])
+
+
+def _show_json(result: Any) -> str:
+    return json.dumps(result, indent=2)
+
+
+# ---------------------------------------------------------------------------
+# Subcommands
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    help: str
+    type: Callable[[str], Any] = str
+    nargs: str | None = None
+    metavar: str | None = None       # default: NAME upper-cased
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str                                   # "info", or "balloon set" (nested)
+    help: str
+    method: str | Callable[[argparse.Namespace], str]
+    args: tuple[Arg, ...] = ()
+    params: Callable[[argparse.Namespace], dict | list | None] = lambda a: None
+    show: Callable[[Any], str] = _show_json
+
+
+def _json_params(text: str | None) -> dict | list | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, (dict, list)):
+        raise argparse.ArgumentTypeError("must be a JSON object or array")
+    return value
+
+
+COMMANDS: list[Command] = [
+    Command("info", "show the VM's state", "vm.info", show=_show_info),
+    Command("pause", "pause all vCPUs", "vm.pause", show=_say("paused")),
+    Command("resume", "resume the vCPUs", "vm.resume", show=_say("resumed")),
+    Command("reset", "reset the VM", "vm.reset", show=_say("reset")),
+    Command("shutdown", "shut the VM down", "vm.shutdown", show=_say("shut down")),
+    Command("devices", "list device processes", "device.list", show=_show_devices),
+    Command("device-restart", "restart one device process", "device.restart",
+            args=(Arg("id", "device id (see 'devices')"),),
+            params=lambda a: {"id": a.id}, show=_say("restarted")),
+    Command("version", "show vmmd's version", "vmm.version", show=_show_version),
+    Command("discover", "list the API's methods (OpenRPC)", "rpc.discover", show=_show_discover),
+    Command("call", "call any method", lambda a: a.method_name,
+            args=(Arg("method_name", "JSON-RPC method name", metavar="METHOD"),
+                  Arg("params_json", "params as a JSON object or array", _json_params, "?")),
+            params=lambda a: a.params_json),
+]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
+    # Also accepted after the subcommand; there SUPPRESS keeps the top-level value.
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--api-socket", metavar="PATH", default=d(None),
+                   help=f"vmmd control socket (default: ${ENV_SOCKET})")
+    p.add_argument("--json", action="store_true", default=d(False),
+                   help="print the raw JSON result")
+    p.add_argument("--timeout", metavar="S", type=_positive_float, default=d(DEFAULT_TIMEOUT),
+                   help=f"seconds to wait for vmmd (default {DEFAULT_TIMEOUT:g})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmmctl", description="Control a running vmmd.")
+    parser.add_argument("--version", action="version", version=f"vmmctl {vmmd.__version__}")
+    _add_common(parser, top=True)
+    groups: dict[str, argparse._SubParsersAction] = {
+        "": parser.add_subparsers(dest="command", metavar="COMMAND", required=True)}
+    for cmd in COMMANDS:
+        *path, leaf = cmd.name.split()
+        prefix = ""
+        for part in path:  # create the group parsers of a nested name on first use
+            key = f"{prefix} {part}".strip()
+            if key not in groups:
+                gp = groups[prefix].add_parser(part, help=f"{part} commands")
+                groups[key] = gp.add_subparsers(dest=f"sub_{key.replace(' ', '_')}", metavar="COMMAND", required=True)
+            prefix = key
+        sp = groups[prefix].add_parser(leaf, help=cmd.help, description=cmd.help)
+        for arg in cmd.args:
+            sp.add_argument(arg.name, help=arg.help, type=arg.type, nargs=arg.nargs,
+                            metavar=arg.metavar or arg.name.upper())
+        _add_common(sp, top=False)
+        sp.set_defaults(cmd=cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    path = args.api_socket or os.environ.get(ENV_SOCKET)
+    if not path:
+        parser.error(f"no control socket: use --api-socket PATH or set {ENV_SOCKET}")
+    cmd: Command = args.cmd
+    method = cmd.method(args) if callable(cmd.method) else cmd.method
+    try:
+        result = call(path, method, cmd.params(args), args.timeout)
+    except ConnectionFailed as exc:
+        print(f"vmmctl: {exc}", file=sys.stderr)
+        return EXIT_NO_CONNECTION
+    except RpcError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        if exc.data is not None:
+            print(f"data: {json.dumps(exc.data)}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    print(json.dumps(result) if args.json else cmd.show(result))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
