@@ -80,7 +80,7 @@ def test_kvm_run_offsets(field, offset):
 
 def test_kvm_run_exit_union_is_256_bytes_at_32():
     assert ctypes.sizeof(abi.kvm_run_exit) == 256
-    assert abi.kvm_run._exit.offset == 32
+    assert abi.kvm_run.exit.offset == 32
 
 
 @pytest.mark.parametrize(
@@ -119,6 +119,7 @@ def test_kvm_run_exit_members_are_reachable_directly():
     run.system_event.data[0] = 7
     assert run.io.port == 0x3F8
     assert run.system_event.flags == 7  # flags and data[0] share storage
+    assert run.exit.io.port == 0x3F8  # the union is also reachable by name
     assert ctypes.sizeof(abi.kvm_run_internal) == 136
 
 

@@ -796,8 +796,9 @@ class kvm_run_s(ctypes.Union):
 
 
 class kvm_run(ctypes.Structure):
-    # The exit union is anonymous in C, so io/mmio/... are direct members.
-    _anonymous_ = ("_exit",)
+    # The exit union is anonymous in C: io/mmio/... are direct members here
+    # too, and also reachable as run.exit.io etc.
+    _anonymous_ = ("exit",)
     _fields_ = [
         # in
         ("request_interrupt_window", c_uint8),
@@ -811,7 +812,7 @@ class kvm_run(ctypes.Structure):
         # in (pre_kvm_run), out (post_kvm_run)
         ("cr8", c_uint64),
         ("apic_base", c_uint64),
-        ("_exit", kvm_run_exit),
+        ("exit", kvm_run_exit),
         ("kvm_valid_regs", c_uint64),
         ("kvm_dirty_regs", c_uint64),
         ("s", kvm_run_s),

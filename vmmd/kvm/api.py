@@ -30,9 +30,6 @@ _sys_ioctl.restype = ctypes.c_int
 # The third argument is a pointer (byref of a struct) or a plain integer.
 _sys_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
-_U32 = 1 << 32
-_U64 = 1 << 64
-
 
 class KvmError(OSError):
     """A KVM ioctl (or opening /dev/kvm) failed. `.errno` is the kernel's error,
@@ -423,7 +420,7 @@ def _enable_cap_struct(cap: int, args: Sequence[int], flags: int) -> abi.kvm_ena
 # ---------------------------------------------------------------------------
 
 _KVM_RUN = abi.KVM_RUN
-_MMIO_DATA_OFFSET = abi.kvm_run._exit.offset + abi.kvm_run_mmio.data.offset
+_MMIO_DATA_OFFSET = abi.kvm_run.exit.offset + abi.kvm_run_mmio.data.offset
 
 
 class Vcpu(_FdOwner):
