@@ -127,7 +127,10 @@ def _show_info(info: dict) -> str:
         elif key == "uptime_s" and isinstance(value, (int, float)):
             key, value = "uptime", _duration(value)
         elif key == "devices" and isinstance(value, list):
-            value = len(value)
+            value = ", ".join(f"{d.get('id')} ({d.get('state')})" if isinstance(d, dict) else str(d)
+                              for d in value) or "none"
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value)
         lines.append(f"{key + ':':<10}{value}")
     return "\n".join(lines)
 

@@ -18,7 +18,8 @@ class FakeVm:
         self.restarted = []
 
     def info(self):
-        return {"state": self.state, "vcpus": 2, "memory_bytes": 512 << 20, "uptime_s": 1.5, "devices": 1}
+        return {"state": self.state, "vcpus": 2, "memory_bytes": 512 << 20, "uptime_s": 3725.5,
+                "devices": self.devices(), "assists": {"pio": 3}}
 
     async def pause(self):
         if self.state != "running":
@@ -98,7 +99,10 @@ def test_single_request_returns_result_with_same_id():
     _, d = make()
     assert rpc(d, req("vm.info", id="abc")) == {
         "jsonrpc": "2.0", "id": "abc",
-        "result": {"state": "running", "vcpus": 2, "memory_bytes": 512 << 20, "uptime_s": 1.5, "devices": 1}}
+        "result": {"state": "running", "vcpus": 2, "memory_bytes": 512 << 20, "uptime_s": 3725.5,
+                   "devices": [{"id": "lpc0", "type": "lpc", "pid": 42, "state": "running",
+                                "restarts": 0, "sandbox": "on"}],
+                   "assists": {"pio": 3}}}
 
 
 @pytest.mark.parametrize("raw", [b"{", b"not json", b"\xff\xfe", b'{"a": NaN}', b"[" * 100000])

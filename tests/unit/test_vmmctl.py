@@ -75,7 +75,9 @@ def test_info_human_and_json(api, capsys):
     path, vm = api
     code, out, err = vmmctl(capsys, "--api-socket", path, "info")
     assert code == 0 and err == ""
-    assert "state:" in out and "running" in out and "512 MiB" in out and "vcpus:" in out
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert lines == {"state:": "running", "vcpus:": "2", "memory:": "512 MiB", "uptime:": "1h02m05s",
+                     "devices:": "lpc0 (running)", "assists:": '{"pio": 3}'}
     code, out, _ = vmmctl(capsys, "--api-socket", path, "--json", "info")
     assert code == 0 and json.loads(out)["memory_bytes"] == 512 << 20
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 

@@ -37,7 +37,7 @@ class VmControl(Protocol):
 
     def info(self) -> dict:
         """{"state": one of VM_STATES, "vcpus": int, "memory_bytes": int,
-        "uptime_s": float, "devices": int (number of device processes)}"""
+        "uptime_s": float, "devices": devices()}; more keys are passed through."""
         ...
 
     async def pause(self) -> None:
@@ -89,7 +89,7 @@ INFO_SCHEMA = {
         "vcpus": {"type": "integer", "minimum": 1},
         "memory_bytes": {"type": "integer", "minimum": 0},
         "uptime_s": {"type": "number", "minimum": 0},
-        "devices": {"type": "integer", "minimum": 0, "description": "number of device processes"},
+        "devices": {"type": "array", "items": DEVICE_SCHEMA},
     },
     "required": ["state", "vcpus", "memory_bytes", "uptime_s", "devices"],
 }
@@ -115,7 +115,7 @@ def build_registry(control: VmControl) -> Registry:
         registry.add(name, handler, None, NULL_RESULT, summary)
 
     registry.add("vm.info", lambda p: control.info(), None, INFO_SCHEMA,
-                 "State, vCPU count, memory size, uptime and device count of the VM")
+                 "State, vCPU count, memory size, uptime and devices of the VM")
     action("vm.pause", control.pause, "Pause all vCPUs")
     action("vm.resume", control.resume, "Resume paused vCPUs")
     action("vm.reset", control.reset, "Reset the VM (vCPUs and devices)")
