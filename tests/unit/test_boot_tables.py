@@ -220,9 +220,9 @@ def test_load_linux_vmlinux(mem):
     initrd = b"INITRD" * 1000
     info = linux.load_linux(mem, vmlinux, initrd, "console=ttyS0 panic=-1", ncpus=2)
     assert info.entry == 0x1000000 and info.kind == "vmlinux"
-    assert info.cpu.regs["rsi"] == BOOT_PARAMS_ADDR and info.cpu.regs["rip"] == 0x1000000
-    assert info.cpu.segments["cs"].selector == 0x10 and info.cpu.segments["ss"].selector == 0x18
-    assert info.cpu.regs["rflags"] == 2
+    assert info.cpu_state.regs["rsi"] == BOOT_PARAMS_ADDR and info.cpu_state.regs["rip"] == 0x1000000
+    assert info.cpu_state.segments["cs"].selector == 0x10 and info.cpu_state.segments["ss"].selector == 0x18
+    assert info.cpu_state.regs["rflags"] == 2
     # setup header
     assert bp_field(mem, 0x1FE, "H") == 0xAA55
     assert bp_field(mem, 0x202, "I") == 0x53726448
@@ -249,7 +249,7 @@ def test_load_linux_vmlinux(mem):
     assert mem.read_u16(0x40E) == 0x9FC0
     # the kernel, boot_params and cmdline are identity mapped
     for va in (0x1000000, BOOT_PARAMS_ADDR, CMDLINE_ADDR, image):
-        assert translate(mem, info.cpu.cr3, va) == va
+        assert translate(mem, info.cpu_state.cr3, va) == va
 
 
 def test_load_linux_header_from_bzimage_and_bzimage_entry(mem):

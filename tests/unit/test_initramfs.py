@@ -90,3 +90,35 @@ def test_cpio_tool_lists_it(tmp_path):
                        capture_output=True, check=True)
     listed = r.stdout.decode().split()
     assert "init" in listed and "dev/console" in listed and "bin/sh" in listed
+
+
+def test_guest_initramfs_modules_in_dependency_order(tmp_path):
+    import lzma
+
+    from vmmd.guest import build as gb
+
+    kdir = tmp_path / "kernel"
+    (kdir / "drivers/virtio").mkdir(parents=True)
+    (kdir / "drivers/block").mkdir(parents=True)
+    (kdir / "drivers/virtio/virtio_ring.ko").write_bytes(b"\0depends=\0name=virtio_ring\0")
+    (kdir / "drivers/virtio/virtio.ko.xz").write_bytes(
+        lzma.compress(b"\0depends=virtio_ring\0", format=lzma.FORMAT_XZ))
+    (kdir / "drivers/block/virtio_blk.ko").write_bytes(b"\0depends=virtio,virtio_ring\0")
+    (kdir / "drivers/virtio/unrelated.ko").write_bytes(b"\0depends=\0")
+    mods = gb.select_modules(tmp_path, wanted=("virtio_blk", "not_there"))
+    assert [m[0] for m in mods] == ["kernel/drivers/virtio/virtio_ring.ko",
+                                   "kernel/drivers/virtio/virtio.ko",
+                                   "kernel/drivers/block/virtio_blk.ko"]
+    assert mods[1][1] == b"\0depends=virtio_ring\0"  # decompressed
+
+    data = gb.build_initramfs(b"\x7fELF-busybox", "6.1.0-test", mods)
+    files = {e["name"]: e for e in read_newc(data)}
+    init = files["init"]["data"].decode()
+    assert init.startswith("#!/bin/sh")
+    assert init.index(gb.INIT_STARTED) < init.index("insmod") < init.index(gb.READY)
+    assert init.index("virtio_ring.ko") < init.index("virtio.ko") < init.index("virtio_blk.ko")
+    assert files["dev/console"]["rdev"] == (5, 1) and files["dev/ttyS0"]["rdev"] == (4, 64)
+    assert files["bin/cttyhack"]["data"] == b"busybox"
+    dep = files["lib/modules/6.1.0-test/modules.dep"]["data"].decode()
+    assert "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko " \
+           "kernel/drivers/virtio/virtio_ring.ko" in dep

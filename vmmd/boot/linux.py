@@ -53,7 +53,7 @@ DEFAULT_INITRD_ADDR_MAX = 0x7FFFFFFF
 class BootInfo:
     entry: int
     boot_params: int
-    cpu: CpuState
+    cpu_state: CpuState
     kernel_start: int
     kernel_end: int  # one past the memory the kernel may use while starting
     cmdline_addr: int
@@ -208,6 +208,6 @@ def load_linux(mem, kernel_bytes: bytes, initrd_bytes: bytes | None, cmdline: st
     cpu = long_mode_state(entry, LINUX_STACK_TOP, cpl=0, cr3=cr3, gdt=gdt,
                           regs={"rsi": BOOT_PARAMS_ADDR})
     cpu.notes["mode"] = f"linux-{kind}"
-    return BootInfo(entry=entry, boot_params=BOOT_PARAMS_ADDR, cpu=cpu, kernel_start=kstart,
+    return BootInfo(entry=entry, boot_params=BOOT_PARAMS_ADDR, cpu_state=cpu, kernel_start=kstart,
                     kernel_end=kend, cmdline_addr=CMDLINE_ADDR, initrd_addr=initrd_addr,
                     initrd_size=initrd_size, mptable_addr=MPTABLE_ADDR, e820=e820, kind=kind)

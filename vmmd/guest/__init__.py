@@ -1,0 +1,1 @@
+"""Building the Linux test guest: `vmmd-guest build` (build.py) and its initramfs writer."""
