@@ -195,10 +195,17 @@ def isolate(mode: str) -> Isolation:
     make_mounts_private()
     sys.stdout.flush()
     sys.stderr.flush()
+    # The child waits for EOF on this pipe, i.e. for the parent to have
+    # written the PID line and exited: that line is always stdout's first.
+    gate_r, gate_w = os.pipe()
     pid = os.fork()
     if pid:
         _announce_pid(pid)
         os._exit(0)
+    os.close(gate_w)
+    while os.read(gate_r, 1):
+        pass
+    os.close(gate_r)
     # pid 1 of the new namespace: the kernel drops signals from outside for
     # which pid 1 has no handler (except SIGKILL/SIGSTOP). Give SIGTERM and
     # SIGHUP a handler that exits, so vmmd's polite stop still works; the

@@ -152,14 +152,14 @@ _BASE_ALLOW = {
     # I/O on already-open fds
     "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
     "close", "lseek", "fcntl", "fstat", "newfstatat", "statx", "fsync", "fdatasync",
-    "dup", "dup3", "pipe2", "eventfd2",
+    "dup", "dup2", "dup3", "pipe2", "eventfd2",
     # sockets that already exist
     "recvfrom", "sendto", "recvmsg", "sendmsg", "recvmmsg", "sendmmsg",
     "getsockopt", "setsockopt", "getsockname", "getpeername", "shutdown",
     # polling and waiting
     "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2",
     "poll", "ppoll", "select", "pselect6",
-    "futex", "sched_yield", "nanosleep", "clock_nanosleep",
+    "futex", "sched_yield", "restart_syscall", "nanosleep", "clock_nanosleep",
     "clock_gettime", "clock_getres", "gettimeofday",
     # memory (mmap/mprotect are conditional: no PROT_EXEC)
     "brk", "munmap", "mremap", "madvise",

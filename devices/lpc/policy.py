@@ -15,6 +15,6 @@ CONSOLE_FILE_LIMIT = 1 << 30
 
 POLICY = base_policy().extend(
     "lpc",
-    allow={"accept4", "accept", "listen"},
+    allow={"accept4"},
     file_size_limit=CONSOLE_FILE_LIMIT,
 )
