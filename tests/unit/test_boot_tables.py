@@ -156,8 +156,11 @@ def test_gdt_descriptors(mem):
     assert raw_gdt[5] == 0x00AFFB000000FFFF  # 64-bit user code, DPL3
     tss = raw_gdt[6]
     assert ((tss >> 16) & 0xFFFFFF) | ((tss >> 32) & 0xFF000000) == TSS_ADDR
-    assert tss & 0xFFFF == 103 and (tss >> 40) & 0xFF == 0x8B
+    assert tss & 0xFFFF == 104 + 8192 and (tss >> 40) & 0xFF == 0x8B
+    # I/O bitmap right after the 104-byte TSS, every port allowed, then 0xff
     assert struct.unpack_from("<H", mem.read(TSS_ADDR + 102, 2))[0] == 104
+    assert mem.read(TSS_ADDR + 104, 8192) == bytes(8192)
+    assert mem.read_u8(TSS_ADDR + 104 + 8192) == 0xFF
 
 
 def test_long_mode_state_cpl3():
@@ -168,6 +171,7 @@ def test_long_mode_state_cpl3():
     assert (cs.selector, cs.dpl, cs.l, cs.db, cs.type, cs.s) == (0x2B, 3, 1, 0, 0xB, 1)
     assert (ss.selector, ss.dpl, ss.type) == (0x23, 3, 0x3)
     assert st.segments["tr"].type == 11 and st.segments["tr"].base == TSS_ADDR
+    assert st.segments["tr"].limit == 104 + 8192
     assert st.efer & 0x500 == 0x500 and st.cr0 & 0x80000001 == 0x80000001
     assert st.cr4 & (1 << 5) and st.cr4 & (1 << 9) and st.cr4 & (1 << 10)
     st0 = x86_state.long_mode_state(0x100000, cpl=0)

@@ -21,7 +21,7 @@ EBDA and the BIOS area, see e820.py):
                    memory size words that Linux reads)
   0x00500-0x0053f  GDT (8 descriptors, see x86_state.py)
   0x00560          IDT (empty: limit 0; test guests must not fault)
-  0x00580-0x005e7  64-bit TSS (104 bytes, no I/O bitmap)
+  0x00580-0x025e8  64-bit TSS (104 bytes) + I/O bitmap allowing all ports
   0x07000-0x07fff  boot_params ("zero page")
   0x09000          PML4
   0x0a000          PDPT (one: the map covers at most 512 GiB)

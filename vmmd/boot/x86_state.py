@@ -11,7 +11,8 @@ GDT (at GDT_ADDR, limit 0x3f):
   0x18 flat data, DPL 0               (Linux __BOOT_DS)
   0x20 flat data, DPL 3               (selector 0x23)
   0x28 64-bit code, DPL 3             (selector 0x2b)
-  0x30 64-bit TSS (16 bytes) at TSS_ADDR, 104 bytes, no I/O bitmap
+  0x30 64-bit TSS (16 bytes) at TSS_ADDR: 104 bytes + an I/O permission
+       bitmap allowing every port (see write_tss)
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ SEL_USER_CODE64 = 0x2B
 SEL_TSS = 0x30
 GDT_LIMIT = 8 * 8 - 1
 TSS_SIZE = 104
+IO_BITMAP_SIZE = 65536 // 8
+# the bitmap plus the 0xff byte the CPU may read past its end
+TSS_LIMIT = TSS_SIZE + IO_BITMAP_SIZE
 
 # control registers and EFER bits
 CR0_PE = 1 << 0
@@ -119,7 +123,7 @@ def gdt_bytes(tss_addr: int = TSS_ADDR) -> bytes:
                descriptor(_DATA, 0, 0xFFFFF),
                descriptor(_USER_DATA, 0, 0xFFFFF),
                descriptor(_USER_CODE64, 0, 0xFFFFF),
-               descriptor(_TSS64_BUSY, tss_addr, TSS_SIZE - 1),
+               descriptor(_TSS64_BUSY, tss_addr, TSS_LIMIT),
                tss_addr >> 32]  # upper half of the 16-byte TSS descriptor
     return struct.pack("<8Q", *entries)
 
@@ -132,10 +136,12 @@ def write_gdt(mem, addr: int = GDT_ADDR, tss_addr: int = TSS_ADDR) -> tuple[int,
 
 
 def write_tss(mem, addr: int = TSS_ADDR) -> None:
-    """A 64-bit TSS with no stacks and the I/O bitmap offset past the limit
-    (no bitmap: CPL3 port access is governed by IOPL alone)."""
-    tss = bytearray(TSS_SIZE)
-    struct.pack_into("<H", tss, 102, TSS_SIZE)
+    """A 64-bit TSS with no stacks and an all-zero I/O permission bitmap, so
+    CPL3 code may use every port. IOPL 3 alone is not enough everywhere: on
+    PVM hosts CPL3 in/out fault unless the bitmap allows the port."""
+    tss = bytearray(TSS_LIMIT + 1)
+    struct.pack_into("<H", tss, 102, TSS_SIZE)  # bitmap right after the TSS
+    tss[TSS_LIMIT] = 0xFF  # terminator byte after the bitmap
     mem.write(addr, tss)
 
 
@@ -190,7 +196,7 @@ def _regs(rip: int, rsp: int, rflags: int, extra: dict | None) -> dict[str, int]
 
 def _tr_64(tss_addr: int) -> Segment:
     # busy 64-bit TSS: what VM entry requires of TR in long mode
-    return Segment(base=tss_addr, limit=TSS_SIZE - 1, selector=SEL_TSS, type=11,
+    return Segment(base=tss_addr, limit=TSS_LIMIT, selector=SEL_TSS, type=11,
                    present=1, dpl=0, db=0, s=0, l=0, g=0)
 
 
@@ -233,7 +239,7 @@ def protected_mode_state(entry: int, esp: int = 0, *,
     data = segment_from_descriptor(SEL_DATA, _DATA)
     segs = {n: data for n in ("ds", "es", "fs", "gs", "ss")}
     # 32-bit busy TSS for TR (the 64-bit TSS descriptor type reads as that)
-    tr = Segment(base=tss_addr, limit=TSS_SIZE - 1, selector=SEL_TSS, type=11, present=1,
+    tr = Segment(base=tss_addr, limit=TSS_LIMIT, selector=SEL_TSS, type=11, present=1,
                  dpl=0, db=0, s=0, l=0, g=0)
     segs.update(cs=cs, tr=tr, ldt=_ldt_none())
     return CpuState(regs=_regs(entry, esp, RFLAGS_FIXED, regs), segments=segs, gdt=gdt,
