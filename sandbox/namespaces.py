@@ -167,8 +167,11 @@ def isolate(mode: str) -> Isolation:
     """Enter new namespaces (modes "on"/"log") or not ("off"); see module doc.
 
     Must run while the process is single-threaded. Only the child returns
-    when a pid namespace was entered. If namespaces are not permitted at all,
-    a warning goes to stderr and the process continues un-isolated.
+    when a pid namespace was entered. Without root/CAP_SYS_ADMIN a user
+    namespace is tried; if namespaces are not permitted at all, a warning
+    goes to stderr and the process continues un-isolated. In "on"/"log" it
+    also installs the early io_uring refusal (limits.refuse_io_uring), so
+    /proc/PID/status shows "Seccomp: 2" from here on.
     """
     global _current
     if mode not in MODES:
@@ -183,6 +186,7 @@ def isolate(mode: str) -> Isolation:
         limits.refuse_io_uring()  # before libuv can set up a ring: see there
     except OSError as e:
         sys.stderr.write(f"vmmd sandbox: warning: io_uring not refused ({e})\n")
+        sys.stderr.flush()
 
     entered, reason = _unshare_device_namespaces()
     if not entered:

@@ -386,3 +386,21 @@ def test_landlock_abi_is_a_number():
     assert isinstance(abi, int) and abi >= 0
     if abi:
         assert landlock.handled_rights(abi)["fs"] & 0b111  # execute, write, read
+
+
+def test_close_fds_except_keeps_exactly_what_was_asked():
+    script = """
+import os, sys
+from sandbox import limits
+fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(6)]
+keep = {fds[1], fds[4]}
+before = set(limits.open_fds())
+limits.close_fds_except(keep)
+after = set(limits.open_fds())
+assert set(fds) <= before, (fds, before)
+assert after == {0, 1, 2} | keep, (after, keep)
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=WAIT,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert res.stdout.decode().strip() == "ok", res.stderr.decode()
