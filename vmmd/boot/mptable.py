@@ -5,6 +5,11 @@ Sans-I/O ``build_mptable`` returns the bytes of the floating pointer structure
 immediately followed by the configuration table; ``write_mptable`` puts them
 in guest RAM. Linux scans 0xf0000-0xfffff (and the EBDA) for "_MP_".
 
+Kernels built without CONFIG_X86_MPPARSE ignore these tables: Debian's
+cloud kernel is one (checked: no "MPTABLE" lines, "Boot CPU (id 0) not listed
+by BIOS"); such kernels see more than one CPU and the IOAPIC only through
+ACPI (MADT), else they run on one CPU with the 8259 PIC.
+
 Bus ids: PCI bus 0 is MP bus 0 (Linux matches PCI interrupt entries by
 comparing the MP bus id with the PCI bus number), ISA is MP bus 1.
 """
