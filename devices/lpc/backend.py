@@ -8,9 +8,11 @@ or too slow, output is dropped and counted in stats["tx_dropped"].
 
 Specs (as on the command line):
     "null"          discard output, no input
-    "stdio"         input from fd 0, output to fd 1 (nonblocking; a tty is
-                    put in raw mode until close()); Ctrl-A x asks vmmd to
-                    quit, Ctrl-A Ctrl-A sends a literal Ctrl-A
+    "stdio"         input from fd 0, output to fd 1, both made nonblocking
+                    until close(); Ctrl-A x asks vmmd to quit, Ctrl-A Ctrl-A
+                    sends a literal Ctrl-A. Raw mode for a terminal is
+                    vmmd's job (the sandbox forbids termios writes, and vmmd
+                    must restore the terminal even if this process dies)
     "file,PATH"     output appended to PATH, no input
     "socket,PATH"   a Unix stream socket listening at PATH, one client at a
                     time (others are closed at once); while no client is
@@ -25,8 +27,6 @@ import asyncio
 import os
 import socket
 import stat
-import termios
-import tty
 from typing import Callable
 
 OUTPUT_BUFFER = 64 * 1024  # pending output per consumer before dropping
@@ -128,7 +128,11 @@ class _Output:
 
     def _watch(self) -> None:
         if self.buf and self.loop is not None and not self.watching and not self.broken:
-            self.loop.add_writer(self.fd, self._flush)
+            try:
+                self.loop.add_writer(self.fd, self._flush)
+            except OSError:  # not pollable (epoll refuses regular files)
+                self._break()
+                return
             self.watching = True
 
     def _unwatch(self) -> None:
@@ -219,7 +223,6 @@ class StdioBackend(Backend):
         self.eof = False
         self.reader_added = False
         self.saved_flags: dict[int, int] = {}
-        self.saved_termios = None
         for fd in {stdin_fd, stdout_fd}:
             try:
                 flags = os.get_blocking(fd)
@@ -227,10 +230,6 @@ class StdioBackend(Backend):
                 raise ValueError(f"console stdio: fd {fd}: {e.strerror}") from None
             self.saved_flags[fd] = flags
             os.set_blocking(fd, False)
-        if os.isatty(stdin_fd):
-            # Raw: keys (Ctrl-C too) go to the guest, which does its own echo.
-            self.saved_termios = termios.tcgetattr(stdin_fd)
-            tty.setraw(stdin_fd, termios.TCSANOW)
         self.out = _Output(self.stats, lambda d: os.write(self.out_fd, d), stdout_fd, lambda: None)
 
     def _start(self) -> None:
@@ -240,7 +239,11 @@ class StdioBackend(Backend):
     def _sync_reader(self) -> None:
         want = self.loop is not None and not self.reading_paused and not self.eof
         if want and not self.reader_added:
-            self.loop.add_reader(self.in_fd, self._readable)
+            try:
+                self.loop.add_reader(self.in_fd, self._readable)
+            except OSError:  # e.g. /dev/null or a regular file: no input
+                self.eof = True
+                want = False
         elif not want and self.reader_added:
             self.loop.remove_reader(self.in_fd)
         self.reader_added = want
@@ -278,12 +281,6 @@ class StdioBackend(Backend):
         self.eof = True
         self._sync_reader()
         self.out.close()
-        if self.saved_termios is not None:
-            try:
-                termios.tcsetattr(self.in_fd, termios.TCSANOW, self.saved_termios)
-            except (OSError, termios.error):
-                pass
-            self.saved_termios = None
         for fd, blocking in self.saved_flags.items():
             try:
                 os.set_blocking(fd, blocking)

@@ -465,3 +465,21 @@ def test_stdio_output_buffers_when_consumer_is_slow(host):
     backend.close()
     for fd in (in_r, in_w, out_r, out_w):
         os.close(fd)
+
+
+def test_stdio_backend_with_unpollable_stdin(host, tmp_path):
+    null_in = os.open(os.devnull, os.O_RDONLY)
+    out_r, out_w = os.pipe()
+    dev = LpcDevice(host, {"com1": "stdio", "console_fds": [null_in, out_w]})
+
+    async def scenario():
+        await dev.start()  # /dev/null cannot be polled: simply no input
+        outb(dev, COM1, ord("k"))
+        dev.close()
+
+    try:
+        asyncio.run(scenario())
+        assert os.read(out_r, 10) == b"k"
+    finally:
+        for fd in (null_in, out_r, out_w):
+            os.close(fd)
