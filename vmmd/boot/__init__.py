@@ -9,6 +9,8 @@ Modules:
   bzimage.py   bzImage setup header parser, vmlinux extraction from the payload
   e820.py      the e820 memory map for a MemoryLayout
   mptable.py   Intel MultiProcessor Specification 1.4 tables
+  acpi.py      ACPI tables (RSDP, XSDT, FADT, MADT, DSDT), hardware-reduced
+  aml.py       a tiny AML encoder for the DSDT
   x86_state.py GDT, TSS, identity page tables, initial register state
   linux.py     Linux 64-bit boot protocol (vmlinux or bzImage, initrd, cmdline)
   raw.py       test guests: an ELF entered in real, protected or long mode
@@ -31,6 +33,10 @@ EBDA and the BIOS area, see e820.py):
   0x20000-0x2ffff  kernel command line (at most 64 KiB including the NUL)
   0x80000          raw test guests: initial RSP (stack grows down below it)
   0x9fc00-0x9ffff  EBDA (reserved in e820)
+  0xe0000-0xeffff  ACPI tables (acpi.py): RSDP at 0xe0000 (16-byte aligned,
+                   found by boot_params.acpi_rsdp_addr or by scanning
+                   0xe0000-0xfffff), then XSDT, FADT, MADT, DSDT; a few KiB
+                   at most. Not RAM in e820 (the VGA/option-ROM hole).
   0xf0000-0xfffff  BIOS area (reserved in e820): MP floating pointer and
                    configuration table at 0xf0000
   0x100000         bzImage protected-mode kernel (or pref_address)
@@ -65,6 +71,8 @@ EBDA_END = 0xA0000
 BIOS_START = 0xF0000
 BIOS_END = 0x100000
 MPTABLE_ADDR = BIOS_START
+ACPI_ADDR = 0xE0000  # RSDP, then the other ACPI tables
+ACPI_END = MPTABLE_ADDR  # the ACPI tables must end before the MP table
 HIGH_MEMORY = 0x100000  # 1 MiB: where protected-mode kernels load
 BZIMAGE_LOAD_ADDR = HIGH_MEMORY
 

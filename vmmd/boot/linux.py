@@ -25,6 +25,7 @@ from vmmd.boot import (BDA_BASE_MEM_KIB, BDA_EBDA_SEGMENT, BOOT_PARAMS_ADDR,
                        BZIMAGE_LOAD_ADDR, CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, GiB,
                        HIGH_MEMORY, MPTABLE_ADDR, PAGE_TABLES_END, PML4_ADDR, BootError)
 from vmmd.boot import bzimage
+from vmmd.boot.acpi import write_acpi_tables
 from vmmd.boot.e820 import E820Entry, build_e820, pack_e820
 from vmmd.boot.elf import is_elf, load_segments, parse_elf
 from vmmd.boot.mptable import write_mptable
@@ -35,6 +36,7 @@ LINUX_STACK_TOP = 0x8FF0  # between boot_params and the PML4; startup_64 sets it
 PAGE = 4096
 
 # boot_params ("zero page", Documentation/arch/x86/zero-page.rst) offsets
+BP_ACPI_RSDP_ADDR = 0x070  # u64, read by the kernel itself (protocol 2.14+ loaders set it)
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
@@ -60,6 +62,7 @@ class BootInfo:
     initrd_addr: int = 0
     initrd_size: int = 0
     mptable_addr: int = MPTABLE_ADDR
+    acpi_rsdp_addr: int = 0  # 0: no ACPI tables
     e820: list[E820Entry] = field(default_factory=list)
     kind: str = "vmlinux"  # or "bzImage"
 
@@ -136,9 +139,10 @@ def _load_vmlinux(mem, data: bytes, low_end: int) -> tuple[int, int, int]:
 
 def load_linux(mem, kernel_bytes: bytes, initrd_bytes: bytes | None, cmdline: str,
                ncpus: int, *, setup_header_from: bytes | None = None, pci_irqs=(),
-               irq0_pin: int = 2) -> BootInfo:
+               irq0_pin: int = 2, acpi: bool = True) -> BootInfo:
     """Load a vmlinux ELF or a bzImage plus initrd and command line; write
-    boot_params, e820, MP table, GDT, page tables. Returns the entry state."""
+    boot_params, e820, MP table, ACPI tables (unless ``acpi`` is false), GDT,
+    page tables. Returns the entry state."""
     layout = mem.layout
     low_end = low_ram_end(layout)
     e820 = build_e820(layout)
@@ -187,6 +191,10 @@ def load_linux(mem, kernel_bytes: bytes, initrd_bytes: bytes | None, cmdline: st
         _put(bp, "ramdisk_size", initrd_size & 0xFFFFFFFF)
         struct.pack_into("<II", bp, BP_EXT_RAMDISK_IMAGE, initrd_addr >> 32, initrd_size >> 32)
 
+    # ACPI (kernels without CONFIG_X86_MPPARSE see CPUs and the IOAPIC only here)
+    rsdp = write_acpi_tables(mem, ncpus, pci_irqs=pci_irqs) if acpi else 0
+    struct.pack_into("<Q", bp, BP_ACPI_RSDP_ADDR, rsdp)
+
     # e820
     bp[BP_E820_ENTRIES] = len(e820)
     table = pack_e820(e820)
@@ -210,4 +218,5 @@ def load_linux(mem, kernel_bytes: bytes, initrd_bytes: bytes | None, cmdline: st
     cpu.notes["mode"] = f"linux-{kind}"
     return BootInfo(entry=entry, boot_params=BOOT_PARAMS_ADDR, cpu_state=cpu, kernel_start=kstart,
                     kernel_end=kend, cmdline_addr=CMDLINE_ADDR, initrd_addr=initrd_addr,
-                    initrd_size=initrd_size, mptable_addr=MPTABLE_ADDR, e820=e820, kind=kind)
+                    initrd_size=initrd_size, mptable_addr=MPTABLE_ADDR, acpi_rsdp_addr=rsdp,
+                    e820=e820, kind=kind)
