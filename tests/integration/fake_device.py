@@ -1,0 +1,81 @@
+"""A tiny device model for tests/integration/test_device_runtime.py.
+
+Registers (PIO 0x500..0x50f), by offset:
+  0  r/w  a register; writing it asks for a checkpoint
+  1  w    IRQ line 5 level          3  w  REQUEST "reset" {"n": value}
+  2  r/w  raises (a buggy model)    4  r  returns a value too wide for any access
+  5  r    bit0 started, bit1 quiesced
+  6  w    latch the u32 at guest-physical `value`; r: the latched value
+  7  w    MSI with data `value`
+"""
+
+from bus.types import IoRange, IoSpace
+from devices.model import DeviceModel
+
+BASE = 0x500
+
+
+class FakeDevice(DeviceModel):
+    KIND = "fake"
+    STATE_VERSION = 3
+
+    def __init__(self, host, options):
+        super().__init__(host, options)
+        self.reg = options.get("initial", 0)
+        self.latched = 0
+        self.started = False
+        self.quiesced = False
+
+    def io_ranges(self):
+        return [IoRange(IoSpace.PIO, BASE, 0x10)]
+
+    def io_read(self, space, addr, size):
+        off = addr - BASE
+        if off == 2:
+            raise RuntimeError("boom on read")
+        if off == 4:
+            return 1 << 70
+        if off == 5:
+            return int(self.started) | int(self.quiesced) << 1
+        if off == 6:
+            return self.latched
+        return self.reg & ((1 << (8 * size)) - 1) if off == 0 else 0
+
+    def io_write(self, space, addr, size, value):
+        off = addr - BASE
+        if off == 0:
+            self.reg = value
+            self.host.checkpoint()
+        elif off == 1:
+            self.host.set_irq_line(5, bool(value))
+        elif off == 2:
+            raise ValueError("boom on write")
+        elif off == 3:
+            self.host.request("reset", {"n": value})
+        elif off == 6:
+            self.latched = self.host.memory.read_u32(value)
+        elif off == 7:
+            self.host.send_msi(0xFEE00000, value)
+
+    async def start(self):
+        self.started = True
+
+    def quiesce(self):
+        self.quiesced = True
+
+    def resume(self):
+        self.quiesced = False
+
+    def reset(self):
+        self.reg = 0
+
+    def save_state(self):
+        return {"reg": self.reg}
+
+    def restore_state(self, state):
+        if type(state.get("reg")) is not int:
+            raise ValueError("state has no int 'reg'")
+        self.reg = state["reg"]
+
+    def stats(self):
+        return {"reg": self.reg}
