@@ -319,15 +319,28 @@ def _isolate(boot: Bootstrap) -> None:
     if boot.status_fd is None:
         namespaces.isolate(boot.sandbox)
         return
-    # isolate() reports "PID <n>" on fd 1: point fd 1 at vmmd's status pipe meanwhile.
-    saved = os.dup(1)
-    os.dup2(boot.status_fd, 1)
     try:
-        namespaces.isolate(boot.sandbox)
+        namespaces.isolate(boot.sandbox, status_fd=boot.status_fd)
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
         os.close(boot.status_fd)
+
+
+def _watch_lifeline(boot: Bootstrap) -> None:
+    """Exit when vmmd is gone: it holds the write end of the lifeline pipe.
+
+    The device cannot learn of vmmd's death otherwise (its parent, the
+    launcher, exited on purpose, so PR_SET_PDEATHSIG does not apply).
+    """
+    fd = boot.fds.get("lifeline")
+    if fd is None:
+        return
+
+    def vmmd_gone() -> None:
+        log.error("vmmd went away; exiting")
+        sys.stderr.flush()
+        os._exit(EXIT_FAILURE)
+
+    asyncio.get_running_loop().add_reader(fd, vmmd_gone)
 
 
 async def _run(boot: Bootstrap, model: DeviceModel, host: RuntimeHost, enter_jail, info: dict) -> int:
@@ -342,6 +355,7 @@ async def _run(boot: Bootstrap, model: DeviceModel, host: RuntimeHost, enter_jai
             log.error("handshake failed: %s", exc)
             return EXIT_FAILURE
         host.attach(channel)
+        _watch_lifeline(boot)
         if enter_jail is not None:
             enter_jail()
         return await Server(model, host, channel).serve()

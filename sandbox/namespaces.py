@@ -3,7 +3,8 @@
 isolate() is the very first thing a device process does (single-threaded,
 before zmq/uvloop are imported): unshare mount, pid, net, ipc and uts
 namespaces, then fork. The parent, still in vmmd's pid namespace, reports
-the child's pid as "PID <n>\\n" on stdout and exits at once; vmmd is a child
+the child's pid as "PID <n>\\n" on a status fd (stdout by default; vmmd
+passes a pipe so the device's stdout can stay a console) and exits at once; vmmd is a child
 subreaper, so it adopts and can wait on the child. The child is pid 1 of
 the new pid namespace and carries on as the device.
 
@@ -151,10 +152,10 @@ def _unshare_device_namespaces() -> tuple[frozenset[str], str]:
         return frozenset(), f"unshare: {first}; with a user namespace: {e}"
 
 
-def _announce_pid(pid: int) -> None:
+def _announce_pid(pid: int, status_fd: int) -> None:
     # os.write, not print: nothing may sit in a stdio buffer across fork.
     try:
-        os.write(1, f"PID {pid}\n".encode())
+        os.write(status_fd, f"PID {pid}\n".encode())
     except OSError:
         pass
 
@@ -163,7 +164,7 @@ def _exit_on_signal(signum, _frame) -> None:
     os._exit(128 + signum)
 
 
-def isolate(mode: str) -> Isolation:
+def isolate(mode: str, status_fd: int = 1) -> Isolation:
     """Enter new namespaces (modes "on"/"log") or not ("off"); see module doc.
 
     Must run while the process is single-threaded. Only the child returns
@@ -177,7 +178,7 @@ def isolate(mode: str) -> Isolation:
     if mode not in MODES:
         raise ValueError(f"sandbox mode must be one of {MODES}, not {mode!r}")
     if mode == "off":
-        _announce_pid(os.getpid())
+        _announce_pid(os.getpid(), status_fd)
         _current = Isolation(mode, reason="sandbox off")
         return _current
     if _thread_count() != 1:
@@ -192,7 +193,7 @@ def isolate(mode: str) -> Isolation:
     if not entered:
         sys.stderr.write(f"vmmd sandbox: warning: no namespaces ({reason}); continuing without\n")
         sys.stderr.flush()
-        _announce_pid(os.getpid())
+        _announce_pid(os.getpid(), status_fd)
         _current = Isolation(mode, reason=reason)
         return _current
 
@@ -200,11 +201,11 @@ def isolate(mode: str) -> Isolation:
     sys.stdout.flush()
     sys.stderr.flush()
     # The child waits for EOF on this pipe, i.e. for the parent to have
-    # written the PID line and exited: that line is always stdout's first.
+    # written the PID line and exited: that line is always the status fd's first.
     gate_r, gate_w = os.pipe()
     pid = os.fork()
     if pid:
-        _announce_pid(pid)
+        _announce_pid(pid, status_fd)
         os._exit(0)
     os.close(gate_w)
     while os.read(gate_r, 1):

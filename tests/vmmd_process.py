@@ -58,12 +58,13 @@ class VmmdProcess:
 
     # -- API --------------------------------------------------------------------
     def wait_api(self, timeout: float = 30.0) -> None:
+        """Wait until the API answers and the VM has left the "created" state."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if os.path.exists(self.api):
                 try:
-                    self.rpc("vmm.version")
-                    return
+                    if self.rpc("vm.info")["state"] != "created":
+                        return
                 except OSError:
                     pass
             if self.proc.poll() is not None:

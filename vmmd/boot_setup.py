@@ -95,8 +95,7 @@ def _init_fpu(vcpu) -> None:
 def _init_lapic(vcpu) -> None:
     """LINT0 as ExtINT (the PIC), LINT1 as NMI, as firmware leaves them."""
     lapic = vcpu.get_lapic()
-    buf = (ctypes.c_char * 1024).from_buffer(lapic.regs) if not isinstance(lapic.regs, bytes) else None
-    view = memoryview(buf).cast("B") if buf is not None else None
+    view = memoryview(lapic.regs).cast("B")
     for off, mode in ((APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)):
         cur = int.from_bytes(view[off:off + 4], "little")
         new = (cur & ~0x700) | (mode << 8)

@@ -50,8 +50,6 @@ async def _serve(cfg) -> int:
             server.close()
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(cfg.api_socket)
 
 
 def main(argv: list[str] | None = None) -> int:

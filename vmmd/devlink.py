@@ -41,6 +41,7 @@ class Incarnation:
     pid: int
     pidfd: int
     channel: object  # bus.endpoint.VmmChannel
+    lifeline: int = -1  # write end of the pipe whose EOF tells the device vmmd is gone
     started: float = field(default_factory=time.monotonic)
 
 
@@ -126,7 +127,9 @@ def close_incarnation(inc: Incarnation) -> None:
     try:
         inc.channel.close()
     finally:
-        try:
-            os.close(inc.pidfd)
-        except OSError:
-            pass
+        for fd in (inc.pidfd, inc.lifeline):
+            try:
+                if fd >= 0:
+                    os.close(fd)
+            except OSError:
+                pass

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 from bus.types import PROTOCOL_VERSION
 from vmmd import assists, boot_setup
@@ -256,14 +254,19 @@ class Machine:
         dev = self.supervisor.devices.get(device_id) if self.supervisor else None
         if dev is None:
             raise NoSuchDevice(f"no device {device_id!r}")
-        await self.supervisor.restart(dev)
+        async with self._transition:
+            # Hold the vCPUs while the device is swapped so no access is lost.
+            was_running = self.state == "running"
+            if was_running:
+                await self.loop.run_in_executor(None, self.control.pause, 10.0)
+            try:
+                await self.supervisor.restart(dev)
+            finally:
+                if was_running:
+                    self.control.resume()
 
     def vcpu_stats(self) -> list[dict]:
         return [{"index": t.index, "exits": dict(t.stats.exits)} for t in self.threads]
 
 
-def load_file(path: str) -> bytes:
-    return Path(path).read_bytes()
 
-
-__all__ = ["Machine", "load_file", "os"]

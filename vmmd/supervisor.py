@@ -24,7 +24,6 @@ import zmq
 
 from bus import endpoint as bus_endpoint
 from bus import protocol
-from bus.types import IoRange, IoSpace, MsgType
 from vmmd.devlink import DeviceSpec, Incarnation, ManagedDevice, close_incarnation
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class Supervisor:
             "mem_fd": mem.fd if mem else None,
             "layout": mem.layout.to_wire() if mem else None,
             "sandbox": self.sandbox, "options": spec.options,
-            "restore": dev.last_checkpoint, "generation": gen,
+            "generation": gen,
         }
 
     def _spawn_blocking(self, dev: ManagedDevice):
@@ -91,11 +90,13 @@ class Supervisor:
         gen = dev.generation + 1
         channel = bus_endpoint.VmmChannel(self.ctx, self.rundir, spec.id, gen)
         status_r, status_w = os.pipe()
-        pass_fds = [status_w]
+        life_r, life_w = os.pipe2(os.O_CLOEXEC)  # vmmd keeps the write end open until it exits
+        pass_fds = [status_w, life_r]
         if spec.needs_memory:
             pass_fds.append(self.memory.fd)
         boot = self._bootstrap(dev, gen, channel, pass_fds)
         boot["status_fd"] = status_w
+        boot["fds"] = {"lifeline": life_r}
         cmd = [sys.executable, "-m", f"devices.{spec.kind}", "--bootstrap", json.dumps(boot)]
         try:
             proc = subprocess.Popen(
@@ -104,11 +105,13 @@ class Supervisor:
                 stdout=None if spec.stdio else sys.stderr.fileno(),
                 close_fds=True)
         except OSError as exc:
-            os.close(status_r)
-            os.close(status_w)
+            for fd in (status_r, status_w, life_r, life_w):
+                os.close(fd)
             channel.close()
             raise SpawnError(f"cannot start device {spec.id}: {exc}") from exc
         os.close(status_w)
+        os.close(life_r)
+
         try:
             pid = self._read_pid(status_r, proc)
         finally:
@@ -118,13 +121,19 @@ class Supervisor:
         else:
             proc.returncode = 0  # no launcher (sandbox off): we reap it via its pidfd
         pidfd = os.pidfd_open(pid)
-        inc = Incarnation(gen, pid, pidfd, channel)
+        inc = Incarnation(gen, pid, pidfd, channel, lifeline=life_w)
         try:
             hello = channel.handshake(SPAWN_TIMEOUT, pidfd)
         except Exception as exc:
             self._kill_and_reap(inc)
             close_incarnation(inc)
             raise SpawnError(f"device {spec.id} did not complete its handshake: {exc}") from exc
+        if dev.last_checkpoint is not None:
+            # The state travels over the bus (msgpack), not in the JSON bootstrap.
+            try:
+                channel.control("restore", {"state": dev.last_checkpoint}, self.timeout, pidfd)
+            except Exception as exc:
+                log.error("device %s: restoring its last state failed (%s); it starts fresh", spec.id, exc)
         return inc, hello
 
     @staticmethod
@@ -152,7 +161,7 @@ class Supervisor:
 
     def _attach(self, dev: ManagedDevice, inc: Incarnation, hello) -> None:
         """Install a new incarnation: ranges, event reader, exit watch."""
-        ranges = [IoRange(IoSpace(s), b, n) for s, b, n in hello.ranges]
+        ranges = list(hello.ranges)
         if ranges != dev.ranges:
             self.iospace.remove_owner(dev)
             for r in ranges:
@@ -191,29 +200,27 @@ class Supervisor:
         self.loop.call_soon(self._drain_events, dev, inc)
 
     def _handle_event(self, dev: ManagedDevice, msg) -> None:
-        kind = msg[0] if isinstance(msg, tuple) and not hasattr(msg, "_fields") else None
-        t = type(msg).__name__
-        if t == "IrqLine":
+        if isinstance(msg, protocol.IrqLine):
             if msg.gsi not in dev.spec.allowed_gsis:
                 log.warning("device %s raised GSI %d it does not own", dev.spec.id, msg.gsi)
                 return
             self.irq_line(msg.gsi, msg.level)
-        elif t == "Msi":
+        elif isinstance(msg, protocol.Msi):
             if self.msi is None:
                 log.warning("device %s sent an MSI but MSI is not routed", dev.spec.id)
                 return
             self.msi(msg.address, msg.data)
-        elif t == "Checkpoint":
+        elif isinstance(msg, protocol.Checkpoint):
             dev.last_checkpoint = msg.state
-        elif t == "Request":
+        elif isinstance(msg, protocol.Request):
             self.on_request(dev, msg.what, msg.args)
-        elif t == "Log":
-            log.log(msg.level if msg.level in (10, 20, 30, 40, 50) else 20, "[%s] %s", dev.spec.id, msg.text)
-        elif t == "Error":
+        elif isinstance(msg, protocol.Log):
+            level = msg.level if msg.level in (10, 20, 30, 40, 50) else logging.INFO
+            log.log(level, "[%s] %s", dev.spec.id, msg.text)
+        elif isinstance(msg, protocol.Error):
             log.error("[%s] error %d: %s", dev.spec.id, msg.code, msg.text)
         else:
-            log.warning("device %s sent %s on its event channel", dev.spec.id, t)
-        del kind
+            log.warning("device %s sent %s on its event channel", dev.spec.id, type(msg).__name__)
 
     # -- exits and restarts --------------------------------------------------
     def _detach(self, inc: Incarnation) -> None:
@@ -288,11 +295,20 @@ class Supervisor:
         log.info("device %s restarted (restart #%d)", dev.spec.id, dev.restarts)
 
     async def restart(self, dev: ManagedDevice) -> None:
-        """Operator restart: stop the current process, start a fresh one."""
+        """Operator restart: save the device's state, replace its process, restore.
+
+        The caller pauses the vCPUs around this, so no guest access is lost.
+        """
         task = self._restart_tasks.pop(dev.spec.id, None)
         if task:
             task.cancel()
         inc = dev.current
+        if inc is not None and dev.state == "running":
+            try:
+                dev.last_checkpoint = await self.loop.run_in_executor(None, dev.control, "save")
+            except Exception as exc:
+                log.warning("device %s: no state saved before restart (%s); using its last checkpoint",
+                            dev.spec.id, exc)
         if inc is not None:
             dev.state = "restarting"
             dev.current = None
