@@ -16,6 +16,7 @@ import time
 from bus.types import PROTOCOL_VERSION
 from vmmd import assists, boot_setup
 from vmmd.api.methods import NoSuchDevice, VmStateError
+from vmmd.acpi_pm import AcpiSleepControl
 from vmmd.chipset import NullPorts, ResetControl
 from vmmd.devlink import DeviceSpec
 from vmmd.guest_memory import GuestMemory
@@ -45,8 +46,9 @@ class Machine:
         self.iospace = IoSpaceMap()
         self.assists = assists.AssistSet(self._assists_enabled())
         self.reset_control = ResetControl(self._vcpu_reset)
+        self.acpi_sleep = AcpiSleepControl(self._vcpu_shutdown)  # ACPI S5: guest poweroff
         self.null_ports = NullPorts()
-        for owner in (self.reset_control, self.null_ports):
+        for owner in (self.reset_control, self.acpi_sleep, self.null_ports):
             for r in owner.RANGES:
                 self.iospace.add(r, owner, type(owner).__name__)
         self.vm = None
@@ -234,6 +236,7 @@ class Machine:
             await self._stop_vcpus()
             self._close_vm()
             self.memory.clear()
+            self.acpi_sleep.reset()
             for dev in self.supervisor.devices.values():
                 try:
                     await self.loop.run_in_executor(None, dev.control, "reset")

@@ -438,10 +438,12 @@ class Vcpu(_FdOwner):
 
     def run(self) -> int:
         """KVM_RUN until the next exit; returns kvm_run.exit_reason, or
-        KVM_EXIT_INTR when interrupted by a signal or immediate_exit."""
+        KVM_EXIT_INTR when interrupted by a signal or immediate_exit, or when
+        KVM says EAGAIN (an application processor still waiting for its
+        INIT/SIPI): in every such case the caller simply runs again."""
         if _sys_ioctl(self._fd, _KVM_RUN, 0) < 0:
             err = ctypes.get_errno()
-            if err == errno.EINTR:
+            if err in (errno.EINTR, errno.EAGAIN):
                 return abi.KVM_EXIT_INTR
             raise KvmError(err, "KVM_RUN")
         return self.run_struct.exit_reason
