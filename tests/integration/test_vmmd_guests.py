@@ -165,3 +165,47 @@ def test_bad_arguments_exit_2_with_one_message():
     r = subprocess.run([sys.executable, "-m", "vmmd.cli", "-c", "zero"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert r.stderr.startswith("vmmd: error:") and r.stderr.count("\n") == 1
+
+
+def test_smp_guest_runs_and_pauses_with_a_waiting_application_processor(tmp_path, test_guests):
+    # vCPU 1 waits for INIT/SIPI inside KVM_RUN; pause must still get it out.
+    vm = start(tmp_path, test_guests["ticker"], "-c", "2")
+    try:
+        vm.wait_api()
+        assert vm.rpc("vm.info")["vcpus"] == 2
+        vm.wait_for("PING 2\n", 60)
+        vm.rpc("vm.pause")
+        assert vm.rpc("vm.info")["state"] == "paused"
+        vm.rpc("vm.resume")
+        n = ping_count(vm.output())
+        vm.wait_for(f"PING {n + 2}\n", 60)
+    finally:
+        vm.stop()
+
+
+def test_a_hung_device_reads_as_all_ones_is_failed_and_replaced(tmp_path, test_guests):
+    # A stopped process never answers: the read times out, vmmd returns
+    # all-ones to the guest, marks the device failed, kills and restarts it.
+    vm = start(tmp_path, test_guests["ticker"], "--device-timeout", "0.5")
+    try:
+        vm.wait_api()
+        vm.wait_for("PING 2\n", 60)
+        (lpc,) = vm.rpc("device.list")
+        os.kill(lpc["pid"], signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            (now,) = vm.rpc("device.list")
+            if now["restarts"] >= 1 and now["state"] == "running":
+                break
+            time.sleep(0.05)
+        assert now["restarts"] >= 1 and now["state"] == "running", now
+        assert now["pid"] != lpc["pid"]
+        assert "no answer" in vm.stderr()
+        n = ping_count(vm.output())
+        deadline = time.monotonic() + 60
+        while ping_count(vm.output()) < n + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ping_count(vm.output()) >= n + 2
+        assert vm.proc.poll() is None
+    finally:
+        vm.stop()
