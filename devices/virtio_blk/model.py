@@ -1,0 +1,326 @@
+"""The virtio-blk device (virtio 1.2, 5.2) over the shared virtio-pci machinery.
+
+Options: {"args": [PATH, OPTION, ...]} from the slot `-s N,virtio-blk,PATH,...`:
+
+    ro                     read-only disk (VIRTIO_BLK_F_RO; writes fail with IOERR)
+    cache=writeback        page cache, FLUSH = fdatasync (default)
+    cache=direct           O_DIRECT where the filesystem allows (alias: nocache)
+    cache=unsafe           page cache, FLUSH ignored
+    serial=TEXT            GET_ID answer, up to 20 printable ASCII bytes (alias: ser=)
+    num_queues=N           request queues, 1..64 (default 1; > 1 offers MQ)
+    queue_size=N           queue size, a power of 2 in 4..32768 (default 256)
+
+A bad option raises ValueError (the runtime exits 1 and vmmd reports it).
+
+Requests are completed synchronously on the event loop (see backend.py), in
+the order they are popped; so at quiesce, save or reset nothing is in
+flight, and the saved state is the transport's (features, queue addresses
+and indices) and nothing else.
+
+The request handling (BlkCore) needs only a DeviceMemory, a backend and
+SplitQueues; VirtioBlkDevice wires it to the transport's hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+
+from devices.virtio.queue import ChainError, QueueError
+from devices.virtio_blk import request as rq
+from devices.virtio_blk.backend import CACHE_MODES, BlockBackend
+
+log = logging.getLogger("devices.virtio_blk")
+
+VIRTIO_ID_BLOCK = 2
+
+# Feature bits (5.2.3)
+F_SIZE_MAX = 1
+F_SEG_MAX = 2
+F_GEOMETRY = 4
+F_RO = 5
+F_BLK_SIZE = 6
+F_FLUSH = 9
+F_TOPOLOGY = 10
+F_CONFIG_WCE = 11
+F_MQ = 12
+F_DISCARD = 13
+F_WRITE_ZEROES = 14
+
+MAX_QUEUES = 64
+DEFAULT_QUEUE_SIZE = 256
+MIN_QUEUE_SIZE = 4
+MAX_QUEUE_SIZE = 32768
+SIZE_MAX = 1 << 20              # bytes per data segment we accept and advertise
+MAX_SEG_MAX = 1024 - 2          # IOV_MAX minus header and status
+MAX_DISCARD_SECTORS = 1 << 22   # 2 GiB per range
+MAX_DISCARD_SEG = 32
+MAX_WRITE_ZEROES_SECTORS = 1 << 22
+MAX_WRITE_ZEROES_SEG = 32
+
+# struct virtio_blk_config up to write_zeroes_may_unmap + unused1[3] (5.2.4)
+CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
+CONFIG_SIZE = CONFIG.size  # 60
+
+
+@dataclass(frozen=True)
+class BlkOptions:
+    path: str
+    read_only: bool = False
+    cache: str = "writeback"
+    serial: bytes = b""
+    num_queues: int = 1
+    queue_size: int = DEFAULT_QUEUE_SIZE
+
+
+def _int_option(key: str, text: str, lo: int, hi: int) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise ValueError(f"virtio-blk: {key}={text!r} is not an integer") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"virtio-blk: {key}={v} is outside {lo}..{hi}")
+    return v
+
+
+def parse_options(options: dict) -> BlkOptions:
+    """options["args"] (the slot's arguments) -> BlkOptions, or ValueError."""
+    if not isinstance(options, dict):
+        raise ValueError(f"virtio-blk: options must be a map, got {type(options).__name__}")
+    args = options.get("args")
+    if not isinstance(args, (list, tuple)) or not args or any(type(a) is not str for a in args):
+        raise ValueError("virtio-blk: needs a disk image path: -s SLOT,virtio-blk,PATH[,OPTIONS]")
+    path, rest = args[0], args[1:]
+    if not path or "=" in path and path.split("=", 1)[0] in ("cache", "serial", "ser"):
+        raise ValueError(f"virtio-blk: the first argument must be the disk image path, not {path!r}")
+    kw: dict = {}
+    for arg in rest:
+        key, eq, value = arg.partition("=")
+        if not eq:
+            if arg == "ro":
+                kw["read_only"] = True
+            elif arg == "nocache":
+                kw["cache"] = "direct"
+            else:
+                raise ValueError(f"virtio-blk: unknown option {arg!r} "
+                                 "(ro, nocache, cache=, serial=, num_queues=, queue_size=)")
+        elif key == "cache":
+            if value not in CACHE_MODES:
+                raise ValueError(f"virtio-blk: cache={value!r}: expected one of {', '.join(CACHE_MODES)}")
+            kw["cache"] = value
+        elif key in ("serial", "ser"):
+            raw = value.encode("ascii", "replace")
+            if len(raw) > rq.ID_BYTES or not all(0x20 <= c < 0x7F for c in raw):
+                raise ValueError(f"virtio-blk: serial {value!r} must be at most {rq.ID_BYTES} "
+                                 "printable ASCII characters")
+            kw["serial"] = raw
+        elif key == "num_queues":
+            kw["num_queues"] = _int_option(key, value, 1, MAX_QUEUES)
+        elif key == "queue_size":
+            v = _int_option(key, value, MIN_QUEUE_SIZE, MAX_QUEUE_SIZE)
+            if v & (v - 1):
+                raise ValueError(f"virtio-blk: queue_size={v} is not a power of 2")
+            kw["queue_size"] = v
+        else:
+            raise ValueError(f"virtio-blk: unknown option {arg!r} "
+                             "(ro, nocache, cache=, serial=, num_queues=, queue_size=)")
+    return BlkOptions(path, **kw)
+
+
+def seg_max_for(queue_size: int) -> int:
+    return max(1, min(queue_size - 2, MAX_SEG_MAX))
+
+
+def device_features(opts: BlkOptions) -> int:
+    f = ((1 << F_SIZE_MAX) | (1 << F_SEG_MAX) | (1 << F_BLK_SIZE) | (1 << F_FLUSH)
+         | (1 << F_TOPOLOGY))
+    if opts.num_queues > 1:
+        f |= 1 << F_MQ
+    if opts.read_only:
+        f |= 1 << F_RO
+    else:
+        f |= (1 << F_DISCARD) | (1 << F_WRITE_ZEROES)
+    return f
+
+
+def build_config(opts: BlkOptions, backend: BlockBackend) -> bytes:
+    """The device configuration space (struct virtio_blk_config)."""
+    logical = backend.logical_block_size
+    physical = backend.physical_block_size
+    exp = max(0, (physical // logical).bit_length() - 1)
+    discard_align = max(1, physical >> rq.SECTOR_SHIFT)
+    rw = not opts.read_only
+    return CONFIG.pack(
+        backend.capacity,                     # capacity (512-byte sectors)
+        SIZE_MAX,                             # size_max
+        seg_max_for(opts.queue_size),         # seg_max
+        0, 0, 0,                              # geometry (not offered)
+        logical,                              # blk_size
+        exp, 0, 1, 0,                         # topology: physical_block_exp, alignment_offset,
+                                              #   min_io_size (blocks), opt_io_size
+        0, 0,                                 # writeback (CONFIG_WCE not offered), unused0
+        opts.num_queues,                      # num_queues
+        MAX_DISCARD_SECTORS if rw else 0,     # max_discard_sectors
+        MAX_DISCARD_SEG if rw else 0,         # max_discard_seg
+        discard_align if rw else 0,           # discard_sector_alignment
+        MAX_WRITE_ZEROES_SECTORS if rw else 0,
+        MAX_WRITE_ZEROES_SEG if rw else 0,
+        1 if rw else 0,                       # write_zeroes_may_unmap
+    )
+
+
+def limits_for(opts: BlkOptions, backend: BlockBackend) -> rq.Limits:
+    rw = not opts.read_only
+    return rq.Limits(
+        capacity=backend.capacity, read_only=opts.read_only,
+        seg_max=seg_max_for(opts.queue_size), size_max=SIZE_MAX,
+        discard=rw, max_discard_sectors=MAX_DISCARD_SECTORS, max_discard_seg=MAX_DISCARD_SEG,
+        write_zeroes=rw, max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS,
+        max_write_zeroes_seg=MAX_WRITE_ZEROES_SEG)
+
+
+# --- request processing ---------------------------------------------------------
+
+STAT_KEYS = ("requests", "reads", "writes", "read_bytes", "write_bytes", "flushes", "discards",
+             "write_zeroes", "get_ids", "ioerr", "unsupp", "bad_chains")
+
+_STATUS_BYTES = tuple(bytes([s]) for s in range(3))
+
+
+class BlkCore:
+    """Serves virtio-blk requests from SplitQueues: parse, do the I/O, write
+    the status byte, publish the used element. Everything guest-controlled
+    ends in a status; nothing raises out of process_queue() except
+    QueueError (the ring is broken: the caller sets NEEDS_RESET)."""
+
+    def __init__(self, backend: BlockBackend, limits: rq.Limits, num_queues: int):
+        self.backend = backend
+        self.limits = limits
+        self.memory = None              # DeviceMemory, set by the device
+        self.writethrough = False       # fdatasync after every write (FLUSH not negotiated)
+        self.stats = [dict.fromkeys(STAT_KEYS, 0) for _ in range(num_queues)]
+        self._faults = 0
+
+    def process_queue(self, q: int, queue) -> int:
+        """Drain queue q; returns the number of used elements pushed."""
+        pushed = 0
+        handle = self.handle
+        while True:
+            queue.disable_notification()
+            while True:
+                try:
+                    chain = queue.pop()
+                except ChainError as exc:
+                    self.stats[q]["bad_chains"] += 1
+                    self._fault(f"queue {q}: {exc}", None)
+                    queue.push_used(exc.head, 0)
+                    pushed += 1
+                    continue
+                if chain is None:
+                    break
+                queue.push_used(chain.head, handle(q, chain))
+                pushed += 1
+            if not queue.enable_notification():
+                return pushed
+
+    def handle(self, q: int, chain) -> int:
+        """Serve one request; returns the bytes written into the chain."""
+        st = self.stats[q]
+        st["requests"] += 1
+        mem = self.memory
+        try:
+            req = rq.parse_request(chain.readable, chain.writable, self.limits, mem.read)
+        except Exception as exc:   # guest memory vanished under a validated chain
+            self._fault(f"queue {q}: cannot read request {chain.head}", exc)
+            st["ioerr"] += 1
+            return 0
+        written = 0
+        op = req.op
+        t = type(op)
+        try:
+            if t is rq.Read:
+                status, written = self._read(op)
+                st["reads"] += 1
+                st["read_bytes"] += op.nbytes
+            elif t is rq.Write:
+                status = self._write(op)
+                st["writes"] += 1
+                st["write_bytes"] += op.nbytes
+            elif t is rq.Flush:
+                status = self.backend.flush()
+                st["flushes"] += 1
+            elif t is rq.GetId:
+                if op.nbytes:
+                    data = rq.encode_id(self.backend.serial, op.nbytes)
+                    off = 0
+                    for gpa, n in op.segments:
+                        mem.write(gpa, data[off:off + n])
+                        off += n
+                written = op.nbytes
+                status = rq.S_OK
+                st["get_ids"] += 1
+            elif t is rq.Discard:
+                status = self.backend.discard(op.ranges)
+                st["discards"] += 1
+            elif t is rq.WriteZeroes:
+                status = self._write_zeroes(op)
+                st["write_zeroes"] += 1
+            else:
+                status = op.status
+                log.debug("queue %d: request %d failed: %s", q, chain.head, op.reason)
+        except Exception as exc:
+            self._fault(f"queue {q}: request {chain.head} ({rq.TYPE_NAMES.get(req.type, req.type)})", exc)
+            status, written = rq.S_IOERR, 0
+        if status == rq.S_IOERR:
+            st["ioerr"] += 1
+        elif status == rq.S_UNSUPP:
+            st["unsupp"] += 1
+        if req.status_gpa is None:
+            return 0
+        try:
+            mem.write(req.status_gpa, _STATUS_BYTES[status])
+        except Exception as exc:
+            self._fault(f"queue {q}: status of request {chain.head}", exc)
+            return 0
+        return written + 1
+
+    def _read(self, op: rq.Read) -> tuple[int, int]:
+        mem = self.memory
+        views = [mem.writable_view(g, n) for g, n in op.segments]
+        align = self.backend.dio_align
+        try:
+            status = self.backend.read(op.sector, views, op.nbytes,
+                                       bool(align) and rq.aligned(op.segments, align))
+        finally:
+            # Even a failed read may have changed guest memory.
+            for g, n in op.segments:
+                mem.mark_dirty(g, n)
+        return status, (op.nbytes if status == rq.S_OK else 0)
+
+    def _write(self, op: rq.Write) -> int:
+        mem = self.memory
+        views = [mem.view(g, n) for g, n in op.segments]
+        align = self.backend.dio_align
+        status = self.backend.write(op.sector, views, op.nbytes,
+                                    bool(align) and rq.aligned(op.segments, align))
+        if status == rq.S_OK and self.writethrough:
+            status = self.backend.flush()
+        return status
+
+    def _write_zeroes(self, op: rq.WriteZeroes) -> int:
+        status = self.backend.write_zeroes(op.ranges, op.unmap)
+        if status == rq.S_OK and self.writethrough:
+            status = self.backend.flush()
+        return status
+
+    def _fault(self, what: str, exc: BaseException | None) -> None:
+        self._faults += 1
+        if self._faults <= 20 or self._faults % 1000 == 0:
+            if exc is None:
+                log.warning("%s", what)
+            else:
+                log.error("%s: %s: %s", what, type(exc).__name__, exc)
+
+    def totals(self) -> dict:
+        return {k: sum(s[k] for s in self.stats) for k in STAT_KEYS}
