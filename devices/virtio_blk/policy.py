@@ -1,0 +1,32 @@
+"""Sandbox policy of the virtio-blk device process.
+
+After the jail the device only works on fds it opened before: the disk
+image (and a second, O_DIRECT fd of it with cache=direct), guest memory, the
+dirty log, ioeventfds/irqfds and the bus. On top of the base policy (which
+already allows preadv/pwritev/pread64/pwrite64, fdatasync/fsync, lseek and
+fstat on open fds) it needs:
+
+  fallocate      DISCARD (PUNCH_HOLE|KEEP_SIZE) and WRITE_ZEROES (ZERO_RANGE,
+                 or PUNCH_HOLE with UNMAP) on image files; WRITE_ZEROES on
+                 block devices
+  ioctl BLKDISCARD   DISCARD on a block device, and no other new ioctl (the
+                 size and block-size ioctls are issued before the jail)
+
+RLIMIT_FSIZE: the device writes its image in place and never extends it
+(every request is checked against the capacity, fallocate keeps the size),
+but the image may be as large as any file, so the limit is effectively
+off (1 << 62 bytes); it only matters for regular files.
+"""
+
+from sandbox.seccomp_policy import EQ, ArgRule, base_policy
+
+from devices.virtio_blk.backend import BLKDISCARD
+
+IMAGE_FILE_LIMIT = 1 << 62
+
+POLICY = base_policy().extend(
+    "virtio_blk",
+    allow={"fallocate"},
+    conditional=(ArgRule("ioctl", ((1, EQ, BLKDISCARD, 0),)),),
+    file_size_limit=IMAGE_FILE_LIMIT,
+)
