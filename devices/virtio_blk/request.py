@@ -81,7 +81,7 @@ class Limits:
 
 # --- operations ----------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Read:
     """Device -> guest: read nbytes at sector into segments (writable)."""
     sector: int
@@ -89,7 +89,7 @@ class Read:
     nbytes: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Write:
     """Guest -> device: write nbytes from segments (readable) at sector."""
     sector: int
@@ -114,7 +114,7 @@ class Discard:
     ranges: tuple[tuple[int, int], ...]   # (sector, num_sectors)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteZeroes:
     ranges: tuple[tuple[int, int], ...]
     unmap: tuple[bool, ...]               # per range
@@ -131,7 +131,7 @@ Op = Read | Write | Flush | GetId | Discard | WriteZeroes | Fail
 FLUSH = Flush()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     type: int | None          # None when the header could not be read
     op: Op
@@ -202,6 +202,31 @@ def in_capacity(sector: int, nsectors: int, capacity: int) -> bool:
 def parse_request(readable: Sequence[Segment], writable: Sequence[Segment],
                   limits: Limits, read: Reader) -> Request:
     """Classify and validate one chain. Never raises for guest input."""
+    # Fast path, the layout Linux uses: the header alone in the first
+    # readable descriptor, IN data (if any) then the status byte last.
+    if readable and writable and readable[0][1] == HEADER_SIZE and writable[-1][1] > 0:
+        gpa, n = writable[-1]
+        status_gpa = gpa + n - 1
+        if n == 1:
+            data_out = tuple(writable[:-1])
+        else:
+            data_out = (*writable[:-1], (gpa, n - 1))
+        rtype, _reserved, sector = OUTHDR.unpack(read(readable[0][0], HEADER_SIZE))
+        if rtype == T_IN:
+            if len(data_out) == 1 and data_out[0][1] > 0:
+                nbytes = data_out[0][1]
+                if (nbytes <= limits.size_max and not nbytes & (SECTOR_SIZE - 1)
+                        and sector + (nbytes >> SECTOR_SHIFT) <= limits.capacity):
+                    return Request(rtype, Read(sector, data_out, nbytes), status_gpa)
+            return Request(rtype, _data_op(Read, sector, _nonempty(data_out), limits), status_gpa)
+        return Request(rtype, _classify(rtype, sector, _nonempty(readable[1:]), _nonempty(data_out),
+                                        limits, read), status_gpa)
+    return parse_general(readable, writable, limits, read)
+
+
+def parse_general(readable: Sequence[Segment], writable: Sequence[Segment],
+                  limits: Limits, read: Reader) -> Request:
+    """parse_request() for any layout (parse_request's fast path must agree)."""
     data_out, status_gpa = split_last_byte(writable)
     if status_gpa is None:
         return Request(None, Fail(S_IOERR, "no writable status byte"), None)
@@ -210,6 +235,13 @@ def parse_request(readable: Sequence[Segment], writable: Sequence[Segment],
         return Request(None, Fail(S_IOERR, f"header shorter than {HEADER_SIZE} bytes"), status_gpa)
     rtype, _reserved, sector = OUTHDR.unpack(gather(read, hdr_segs))
     return Request(rtype, _classify(rtype, sector, payload, data_out, limits, read), status_gpa)
+
+
+def _nonempty(segments: Sequence[Segment]) -> tuple[Segment, ...]:
+    for _, n in segments:
+        if n <= 0:
+            return tuple(s for s in segments if s[1] > 0)
+    return tuple(segments)
 
 
 def _classify(rtype: int, sector: int, payload: tuple[Segment, ...], data_out: tuple[Segment, ...],

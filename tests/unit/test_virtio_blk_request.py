@@ -274,8 +274,13 @@ def test_fuzz_never_raises_and_stays_in_capacity():
             return out
 
         readable = segs(5, gpa)
+        if readable and rnd.random() < 0.5:
+            readable[0] = (gpa, 16)          # the fast-path layout
         writable = segs(5)
+        if writable and rnd.random() < 0.3:
+            writable[-1] = (writable[-1][0], 1)
         req = r.parse_request(readable, writable, LIM, m.read)
+        assert req == r.parse_general(readable, writable, LIM, m.read)
         op = req.op
         if isinstance(op, (r.Read, r.Write)):
             assert op.nbytes % 512 == 0
