@@ -27,8 +27,10 @@ import logging
 import struct
 from dataclasses import dataclass
 
-from devices.virtio.queue import ChainError, QueueError
+from devices.virtio.device import VirtioDevice
+from devices.virtio.queue import ChainError
 from devices.virtio_blk import request as rq
+from devices.virtio_blk import state as blkstate
 from devices.virtio_blk.backend import CACHE_MODES, BlockBackend
 
 log = logging.getLogger("devices.virtio_blk")
@@ -324,3 +326,103 @@ class BlkCore:
 
     def totals(self) -> dict:
         return {k: sum(s[k] for s in self.stats) for k in STAT_KEYS}
+
+
+# --- the device ------------------------------------------------------------------------
+
+
+class VirtioBlkDevice(VirtioDevice):
+    KIND = "virtio_blk"
+    VIRTIO_ID = VIRTIO_ID_BLOCK
+
+    def __init__(self, host, options: dict, *, backend: BlockBackend | None = None):
+        opts = parse_options(options)
+        self.opts = opts
+        self.backend = backend if backend is not None else BlockBackend(
+            opts.path, read_only=opts.read_only, cache=opts.cache, serial=opts.serial)
+        try:
+            if self.backend.capacity == 0:
+                log.warning("%s: the disk image is empty (capacity 0)", opts.path)
+            self._config = build_config(opts, self.backend)
+            self.core = BlkCore(self.backend, limits_for(opts, self.backend), opts.num_queues)
+            super().__init__(host, options)
+        except Exception:
+            self.backend.close()
+            raise
+        self.core.memory = self.memory
+
+    # --- VirtioDevice hooks ----------------------------------------------------------
+
+    def device_features(self) -> int:
+        return device_features(self.opts)
+
+    def num_queues(self) -> int:
+        return self.opts.num_queues
+
+    def queue_max_size(self, q: int) -> int:
+        return self.opts.queue_size
+
+    def config_bytes(self) -> bytes:
+        return self._config
+
+    def config_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self._config[offset:offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        pass  # writeback is only writable with CONFIG_WCE, which is not offered
+
+    def on_driver_ok(self) -> None:
+        self._apply_features()
+
+    def _apply_features(self) -> None:
+        # Without FLUSH negotiated the driver cannot ask for durability, so
+        # every write is made durable before it completes (5.2.6.2).
+        self.core.writethrough = (not self.has_feature(F_FLUSH)
+                                  and self.opts.cache != "unsafe" and not self.opts.read_only)
+
+    def on_queue_notify(self, q: int, queue) -> None:
+        try:
+            self.core.process_queue(q, queue)
+        finally:
+            self.notify_used(q)
+
+    def device_reset(self) -> None:
+        # Requests complete synchronously: nothing is in flight to drop.
+        self.core.writethrough = False
+
+    def device_quiesce(self) -> None:
+        pass  # nothing in flight (see backend.py)
+
+    def device_save(self) -> dict:
+        return blkstate.make_state(self.backend.capacity, self.opts.read_only,
+                                   self.opts.num_queues, self.opts.queue_size)
+
+    def device_restore(self, state: dict) -> None:
+        saved = blkstate.check_state(state)
+        resized = blkstate.check_compatible(saved, self.device_save())
+        self._apply_features()
+        if resized:
+            log.warning("%s: capacity changed from %d to %d sectors since the state was saved",
+                        self.opts.path, saved["capacity"], self.backend.capacity)
+            if self.transport.driver_ok:
+                self.config_changed()
+
+    # --- DeviceModel ---------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["blk"] = {"capacity": self.backend.capacity, "read_only": self.opts.read_only,
+                      "cache": self.opts.cache, "direct": self.backend.dfd is not None,
+                      "writethrough": self.core.writethrough,
+                      "backend_errors": self.backend.errors,
+                      "total": self.core.totals(), "per_queue": [dict(s) for s in self.core.stats]}
+        return out
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.backend.close()
+
+
+DEVICE_MODEL = VirtioBlkDevice

@@ -488,3 +488,279 @@ def test_fuzzed_rings_never_escape(tmp_path):
         assert os.path.getsize(r.path) == MiB
     finally:
         r.close()
+
+
+# --- the device through its PCI function (bus-only: MMIO kicks, INTx) ---------------
+
+from bus.types import IoSpace  # noqa: E402
+from devices.virtio import features as vf  # noqa: E402
+from devices.virtio import pci_transport as pt  # noqa: E402
+
+BAR = 0xC000_0000
+
+
+class FakeHost:
+    def __init__(self, memory):
+        self.memory = memory
+        self.fds = {}
+        self.irqs = []
+        self.checkpoints = 0
+
+    def set_irq_line(self, gsi, level):
+        self.irqs.append((gsi, level))
+
+    def send_msi(self, address, data):
+        raise AssertionError("no MSI expected")
+
+    def checkpoint(self):
+        self.checkpoints += 1
+
+    def request(self, what, args=None):
+        raise AssertionError(f"unexpected request {what}")
+
+
+class PciDriver:
+    """Just enough of a virtio-pci driver: BAR setup, negotiation, queues."""
+
+    def __init__(self, dev):
+        self.dev = dev
+        dev.io_write(IoSpace.PCI_CFG, 0x10, 4, BAR)
+        dev.io_write(IoSpace.PCI_CFG, 0x14, 4, 0)
+        dev.io_write(IoSpace.PCI_CFG, 0x04, 2, pt.CMD_MEMORY | pt.CMD_MASTER)
+
+    def r(self, off, size):
+        return self.dev.io_read(IoSpace.MMIO, BAR + off, size)
+
+    def w(self, off, size, value):
+        self.dev.io_write(IoSpace.MMIO, BAR + off, size, value)
+
+    def offered(self):
+        self.w(pt.COMMON_DFSELECT, 4, 0)
+        lo = self.r(pt.COMMON_DF, 4)
+        self.w(pt.COMMON_DFSELECT, 4, 1)
+        return lo | self.r(pt.COMMON_DF, 4) << 32
+
+    def config(self, off, size):
+        return self.r(pt.DEVICE_OFFSET + off, size)
+
+    def status(self):
+        return self.r(pt.COMMON_STATUS, 1)
+
+    def bring_up(self, drivers, features=None):
+        self.w(pt.COMMON_STATUS, 1, 0)
+        self.w(pt.COMMON_STATUS, 1, vf.STATUS_ACKNOWLEDGE | vf.STATUS_DRIVER)
+        offered = self.offered()
+        feats = offered if features is None else features & offered
+        for sel in (0, 1):
+            self.w(pt.COMMON_GFSELECT, 4, sel)
+            self.w(pt.COMMON_GF, 4, feats >> (32 * sel) & 0xFFFFFFFF)
+        st = vf.STATUS_ACKNOWLEDGE | vf.STATUS_DRIVER | vf.STATUS_FEATURES_OK
+        self.w(pt.COMMON_STATUS, 1, st)
+        assert self.status() & vf.STATUS_FEATURES_OK
+        for q, d in enumerate(drivers):
+            self.w(pt.COMMON_Q_SELECT, 2, q)
+            assert self.r(pt.COMMON_Q_SIZE, 2) >= d.size
+            self.w(pt.COMMON_Q_SIZE, 2, d.size)
+            for off, gpa in ((pt.COMMON_Q_DESCLO, d.desc), (pt.COMMON_Q_AVAILLO, d.avail),
+                             (pt.COMMON_Q_USEDLO, d.used)):
+                self.w(off, 4, gpa & 0xFFFFFFFF)
+                self.w(off + 4, 4, gpa >> 32)
+            self.w(pt.COMMON_Q_ENABLE, 2, 1)
+        self.w(pt.COMMON_STATUS, 1, st | vf.STATUS_DRIVER_OK)
+        return feats
+
+    def kick(self, q):
+        self.w(pt.NOTIFY_OFFSET + pt.NOTIFY_MULTIPLIER * q, 2, q)
+
+
+class DevRig:
+    def __init__(self, tmp_path, args=(), size=4 * MiB, queues=1, guest=None):
+        self.path = tmp_path / "disk.img"
+        if not self.path.exists():
+            with open(self.path, "wb") as f:
+                f.truncate(size)
+        self.guest = guest or GuestMemory.create(16 * MiB)
+        self.host = FakeHost(self.guest)
+        self.dev = m.VirtioBlkDevice(self.host, {"args": [str(self.path), *args,
+                                                          f"num_queues={queues}", "queue_size=64"]})
+        self.pci = PciDriver(self.dev)
+        self.drivers = [RingDriver(self.guest, 0x10000 * (q + 1), 64) for q in range(queues)] \
+            if guest is None else None
+        self.alloc = Alloc(self.guest, 1 * MiB, 16 * MiB)
+
+    def request(self, q, t, sector=0, out=None, in_len=0):
+        h = self.alloc(16, hdr(t, sector), align=16)
+        bufs = [(h, 16, False)]
+        if out is not None:
+            bufs.append((self.alloc(len(out), out), len(out), False))
+        data = None
+        if in_len:
+            data = self.alloc(in_len)
+            bufs.append((data, in_len, True))
+        st = self.alloc(1, b"\xee", align=1)
+        bufs.append((st, 1, True))
+        head = self.drivers[q].add(bufs)
+        return head, data, st
+
+    def close(self):
+        self.dev.close()
+
+
+@pytest.fixture
+def dev_rig(tmp_path):
+    r = DevRig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_device_identity_features_and_config(tmp_path):
+    r = DevRig(tmp_path, args=("serial=S1",), queues=2)
+    try:
+        assert r.dev.io_read(IoSpace.PCI_CFG, 0, 4) == (0x1040 + 2) << 16 | 0x1AF4
+        offered = r.pci.offered()
+        for bit in (m.F_SEG_MAX, m.F_SIZE_MAX, m.F_BLK_SIZE, m.F_FLUSH, m.F_TOPOLOGY, m.F_MQ,
+                    m.F_DISCARD, m.F_WRITE_ZEROES, vf.F_VERSION_1):
+            assert offered >> bit & 1, bit
+        assert r.pci.config(0, 8) == 4 * MiB // 512
+        assert r.pci.config(0, 4) == (4 * MiB // 512) & 0xFFFFFFFF
+        assert r.pci.config(12, 4) == 62               # seg_max = queue_size - 2
+        assert r.pci.config(34, 2) == 2                # num_queues
+        assert r.pci.config(20, 4) == 512              # blk_size
+        assert r.pci.r(pt.COMMON_NUMQ, 2) == 2
+        r.pci.w(pt.DEVICE_OFFSET + 32, 1, 1)           # writeback is read-only
+        assert r.pci.config(32, 1) == 0
+    finally:
+        r.close()
+
+
+def test_device_end_to_end_over_the_transport(tmp_path):
+    r = DevRig(tmp_path, queues=2)
+    try:
+        r.pci.bring_up(r.drivers)
+        assert not r.dev.core.writethrough
+        data = random.Random(8).randbytes(4096)
+        head, _, st = r.request(1, rq.T_OUT, 64, out=data)
+        r.pci.kick(1)
+        assert r.drivers[1].used_entries() == [(head, 1)]
+        assert r.guest.read(st, 1) == b"\0"
+        assert r.host.irqs[-1] == (0, True)            # INTx (MSI-X not enabled)
+        head, buf, st = r.request(0, rq.T_IN, 64, in_len=4096)
+        r.pci.kick(0)
+        assert r.drivers[0].used_entries() == [(head, 4097)]
+        assert r.guest.read(buf, 4096) == data
+        assert r.path.read_bytes()[64 * 512:64 * 512 + 4096] == data
+        assert r.pci.r(pt.ISR_OFFSET, 1) & vf.ISR_QUEUE
+        s = r.dev.stats()
+        assert s["blk"]["total"]["reads"] == 1 and s["blk"]["total"]["writes"] == 1
+        assert s["blk"]["per_queue"][1]["write_bytes"] == 4096
+    finally:
+        r.close()
+
+
+def test_device_writethrough_without_flush(tmp_path, monkeypatch):
+    r = DevRig(tmp_path)
+    try:
+        r.pci.bring_up(r.drivers, features=~(1 << m.F_FLUSH))
+        assert r.dev.core.writethrough
+        synced = []
+        monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd))
+        r.request(0, rq.T_OUT, 0, out=bytes(512))
+        r.pci.kick(0)
+        assert synced
+        r.pci.w(pt.COMMON_STATUS, 1, 0)                 # reset
+        assert not r.dev.core.writethrough
+    finally:
+        r.close()
+
+
+def test_device_broken_ring_needs_reset(dev_rig):
+    r = dev_rig
+    r.pci.bring_up(r.drivers)
+    r.guest.write_u16(r.drivers[0].avail + 2, 1000)    # avail idx far ahead
+    r.pci.kick(0)
+    assert r.pci.status() & vf.STATUS_NEEDS_RESET
+    r.pci.w(pt.COMMON_STATUS, 1, 0)
+    assert r.pci.status() == 0
+
+
+def test_device_save_restore_on_a_fresh_device(tmp_path):
+    r = DevRig(tmp_path, queues=2)
+    try:
+        r.pci.bring_up(r.drivers)
+        rnd = random.Random(21)
+        written = {}
+        for q in (0, 1):
+            for k in range(3):
+                sector = (q * 3 + k) * 8
+                written[sector] = rnd.randbytes(4096)
+                r.request(q, rq.T_OUT, sector, out=written[sector])
+            r.pci.kick(q)
+            assert len(r.drivers[q].used_entries()) == 3
+        # requests made available while quiesced are served by the new process
+        r.dev.quiesce()
+        pending = [r.request(q, rq.T_IN, 8 * q, in_len=4096) for q in (0, 1)]
+        r.pci.kick(0)
+        assert r.drivers[0].used_entries() == []
+        state = r.dev.save_state()
+        assert state["device"] == {"version": 1, "capacity": 8192, "read_only": False,
+                                   "num_queues": 2, "queue_size": 64}
+        r.dev.close()
+        # a fresh device over the same guest memory and image
+        r2 = DevRig(tmp_path, queues=2, guest=r.guest)
+        r2.drivers = r.drivers
+        r2.dev.restore_state(state)
+        assert r2.pci.status() & vf.STATUS_DRIVER_OK
+        assert r2.dev._poll_on_start
+        r2.dev._poll_all()
+        for q, (head, buf, st) in zip((0, 1), pending):
+            assert r2.drivers[q].used_entries() == [(head, 4097)]
+            assert r2.guest.read(buf, 4096) == written[8 * q]
+        # and it goes on
+        head, buf, st = r2.request(1, rq.T_IN, 16, in_len=4096)
+        r2.pci.kick(1)
+        assert r2.drivers[1].used_entries() == [(head, 4097)]
+        assert r2.guest.read(buf, 4096) == written[16]
+        r2.dev.close()
+    finally:
+        r.guest.close()
+
+
+def test_device_restore_refuses_a_different_disk_shape(tmp_path):
+    r = DevRig(tmp_path)
+    try:
+        r.pci.bring_up(r.drivers)
+        state = r.dev.save_state()
+        bad = {**state, "device": {**state["device"], "read_only": True}}
+        with pytest.raises(ValueError, match="read_only"):
+            r.dev.restore_state(bad)
+        bad = {**state, "device": {**state["device"], "version": 9}}
+        with pytest.raises(ValueError, match="version"):
+            r.dev.restore_state(bad)
+        # nothing changed: the device still works
+        head, _, st = r.request(0, rq.T_FLUSH)
+        r.pci.kick(0)
+        assert r.drivers[0].used_entries() == [(head, 1)]
+        # a resized image is accepted, with a config change interrupt
+        resized = {**state, "device": {**state["device"], "capacity": 1}}
+        gen = r.pci.r(pt.COMMON_CFGGENERATION, 1)
+        r.dev.restore_state(resized)
+        assert r.pci.r(pt.COMMON_CFGGENERATION, 1) == (gen + 1) & 0xFF
+    finally:
+        r.close()
+
+
+def test_device_bad_options_close_the_image(tmp_path):
+    guest = GuestMemory.create(4 * MiB)
+    try:
+        with pytest.raises(ValueError, match="unknown option"):
+            m.VirtioBlkDevice(FakeHost(guest), {"args": [str(tmp_path / "x"), "bogus"]})
+        with pytest.raises(ValueError, match="cannot open"):
+            m.VirtioBlkDevice(FakeHost(guest), {"args": [str(tmp_path / "missing.img")]})
+        img = tmp_path / "d.img"
+        img.write_bytes(bytes(4096))
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(ValueError):
+            m.VirtioBlkDevice(FakeHost(None), {"args": [str(img)]})   # no guest memory
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        guest.close()
