@@ -182,8 +182,11 @@ class VmmChannel:
         return self._seq
 
     # -- the API -----------------------------------------------------------------
-    def handshake(self, timeout: float, abort_fd: int | None = None, expect_kind: str | None = None) -> Hello:
-        """Wait for the device's HELLO, answer WELCOME; return the HELLO."""
+    def handshake(self, timeout: float, abort_fd: int | None = None, expect_kind: str | None = None,
+                  validate=None) -> Hello:
+        """Wait for the device's HELLO, answer WELCOME; return the HELLO.
+
+        `validate(hello)` may return a reason (non-empty str) to refuse the device."""
         deadline = time.monotonic() + timeout
         with self._lock:
             msg = self._recv(deadline, abort_fd, "HELLO")
@@ -195,6 +198,8 @@ class VmmChannel:
                 reason = f"protocol version {msg.version} is not supported (vmmd speaks {PROTOCOL_VERSION})"
             elif expect_kind is not None and msg.kind != expect_kind:
                 reason = f"expected a {expect_kind} device, not {msg.kind}"
+            elif validate is not None:
+                reason = validate(msg) or ""
             welcome = Welcome(PROTOCOL_VERSION, self.device_id, not reason, reason)
             self._send(protocol.encode(welcome), deadline, abort_fd, "WELCOME")
             if reason:

@@ -23,11 +23,11 @@ from bus.types import ACCESS_SIZES, CONTROL_OPS, IoRange, IoSpace, MsgType
 __all__ = [
     "ProtocolError", "ErrorCode", "Message",
     "Hello", "Welcome", "Read", "ReadReply", "Write", "Control", "ControlReply",
-    "IrqLine", "Msi", "Checkpoint", "Request", "Log", "Error",
+    "IrqLine", "Msi", "Checkpoint", "Request", "Log", "Error", "Vector",
     "encode", "decode_from_device", "decode_from_vmm",
     "FROM_DEVICE", "FROM_VMM", "REQ_FROM_DEVICE", "EVT_FROM_DEVICE",
     "MAX_FRAME", "MAX_SMALL_FRAME", "MAX_NAME_LEN", "MAX_TEXT_LEN", "MAX_RANGES",
-    "REQUESTS", "LOG_LEVEL_MAX", "MSI_ADDRESS_BASE", "MSI_ADDRESS_SIZE",
+    "REQUESTS", "LOG_LEVEL_MAX", "MSI_ADDRESS_BASE", "MSI_ADDRESS_SIZE", "MAX_VECTORS",
 ]
 
 # Only frames that carry device state may be large; everything else is tiny.
@@ -47,6 +47,7 @@ REQUESTS = frozenset({"quit", "reset"})
 # address may carry extended destination bits.
 MSI_ADDRESS_BASE = 0xFEE00000
 MSI_ADDRESS_SIZE = 0x100000
+MAX_VECTORS = 2048    # MSI-X table size limit
 
 
 class ProtocolError(Exception):
@@ -160,16 +161,23 @@ class Error(NamedTuple):
     TYPE = MsgType.ERROR
 
 
+class Vector(NamedTuple):
+    """Bus-only mode: MSI-X vector `vector` fired (vmmd applies the table and masks)."""
+    vector: int
+    TYPE = MsgType.VECTOR
+
+
 Message = Union[Hello, Welcome, Read, ReadReply, Write, Control, ControlReply,
-                IrqLine, Msi, Checkpoint, Request, Log, Error]
+                IrqLine, Msi, Checkpoint, Request, Log, Error, Vector]
 
 FROM_DEVICE = frozenset({MsgType.HELLO, MsgType.READ_REPLY, MsgType.CONTROL_REPLY, MsgType.IRQ_LINE,
-                         MsgType.MSI, MsgType.CHECKPOINT, MsgType.REQUEST, MsgType.LOG, MsgType.ERROR})
+                         MsgType.MSI, MsgType.CHECKPOINT, MsgType.REQUEST, MsgType.LOG, MsgType.ERROR,
+                         MsgType.VECTOR})
 FROM_VMM = frozenset({MsgType.WELCOME, MsgType.READ, MsgType.WRITE, MsgType.CONTROL, MsgType.ERROR})
 # Which device messages belong on which socket (endpoint.py enforces it).
 REQ_FROM_DEVICE = frozenset({MsgType.HELLO, MsgType.READ_REPLY, MsgType.CONTROL_REPLY, MsgType.ERROR})
 EVT_FROM_DEVICE = frozenset({MsgType.IRQ_LINE, MsgType.MSI, MsgType.CHECKPOINT, MsgType.REQUEST,
-                             MsgType.LOG, MsgType.ERROR})
+                             MsgType.LOG, MsgType.ERROR, MsgType.VECTOR})
 _ALL_TYPES = FROM_DEVICE | FROM_VMM
 _LARGE_TYPES = frozenset({MsgType.CONTROL, MsgType.CONTROL_REPLY, MsgType.CHECKPOINT})
 
@@ -312,6 +320,13 @@ def _p_msi(f: list) -> Msi:
     return Msi(address, _uint(f[1], 32, "msi data"))
 
 
+def _p_vector(f: list) -> Vector:
+    v = _uint(f[0], 16, "vector")
+    if v >= MAX_VECTORS:
+        raise _fail(f"vector must be < {MAX_VECTORS}", v)
+    return Vector(v)
+
+
 def _p_checkpoint(f: list) -> Checkpoint:
     return Checkpoint(_map(f[0], "state"))
 
@@ -353,6 +368,7 @@ _PARSERS: dict[int, tuple[int, Callable[[list], Message]]] = {
     MsgType.REQUEST: (2, _p_request),
     MsgType.LOG: (2, _p_log),
     MsgType.ERROR: (2, _p_error),
+    MsgType.VECTOR: (1, _p_vector),
 }
 
 

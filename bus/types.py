@@ -28,9 +28,11 @@ class MsgType(IntEnum):
     REQUEST = 11
     LOG = 12
     ERROR = 13
+    VECTOR = 14
 
 
-CONTROL_OPS = frozenset({"quiesce", "resume", "save", "restore", "reset", "stats", "shutdown"})
+CONTROL_OPS = frozenset({"quiesce", "resume", "save", "restore", "reset", "stats", "shutdown",
+                         "dirty_sync"})
 ACCESS_SIZES = frozenset({1, 2, 4, 8})
 
 

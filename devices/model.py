@@ -20,6 +20,8 @@ class DeviceHost(Protocol):
     def send_msi(self, address: int, data: int) -> None: ...
     def checkpoint(self) -> None: ...
     def request(self, what: str, args: dict | None = None) -> None: ...
+    def fire_vector(self, vector: int) -> None: ...   # bus-only MSI-X
+    fds: dict  # bootstrap "fds": name -> fd
 
 
 class DeviceModel:
@@ -33,6 +35,10 @@ class DeviceModel:
 
     def io_ranges(self) -> list[IoRange]:
         return []
+
+    def hello_info(self) -> dict:
+        """Extra HELLO info, e.g. {"pci": ...} (bus/pci_info.py) for a PCI function."""
+        return {}
 
     def io_read(self, space: IoSpace, addr: int, size: int) -> int:
         return (1 << (8 * size)) - 1

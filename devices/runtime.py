@@ -170,8 +170,9 @@ class RuntimeHost:
     loop iteration however often the model asks.
     """
 
-    def __init__(self, memory=None):
+    def __init__(self, memory=None, fds: dict | None = None):
         self.memory = memory
+        self.fds = dict(fds or {})  # bootstrap "fds": name -> fd (irqfd.<v>, ioeventfd.<q>, ...)
         self.model: DeviceModel | None = None
         self.channel = None
         self._backlog: list = []
@@ -195,6 +196,10 @@ class RuntimeHost:
 
     def send_msi(self, address: int, data: int) -> None:
         self._send(protocol.Msi(address, data))
+
+    def fire_vector(self, vector: int) -> None:
+        """Bus-only mode: MSI-X vector fired; vmmd applies its table and masks."""
+        self._send(protocol.Vector(vector))
 
     def request(self, what: str, args: dict | None = None) -> None:
         self._send(protocol.Request(what, args or {}))
@@ -276,6 +281,10 @@ class Server:
             elif op == "reset":
                 model.reset()
                 self.host.checkpoint()
+            elif op == "dirty_sync":
+                sync = getattr(model, "dirty_sync", None)
+                if sync is not None:
+                    sync()
             elif op == "stats":
                 result = dict(model.stats())
                 result["bus"] = {"faults": self.host.faults,
@@ -413,7 +422,7 @@ def main(kind: str, model_module: str | None = None, policy: Any = None,
     elif model_cls.NEEDS_GUEST_MEMORY:
         _usage_exit(kind, f"a {kind} device needs guest memory (mem_fd, layout)")
 
-    host = RuntimeHost(memory)
+    host = RuntimeHost(memory, boot.fds)
     try:
         model = model_cls(host, boot.options)
     except Exception as exc:
@@ -421,6 +430,14 @@ def main(kind: str, model_module: str | None = None, policy: Any = None,
         sys.exit(EXIT_FAILURE)
     host.model = model
     info = {"pid_in_ns": os.getpid(), "state_version": model_cls.STATE_VERSION, "restored": False}
+    try:
+        extra = model.hello_info()
+        if type(extra) is not dict:
+            raise TypeError(f"hello_info returned {type(extra).__name__}")
+    except Exception as exc:
+        log.error("cannot describe the %s device: %s: %s", kind, type(exc).__name__, exc)
+        sys.exit(EXIT_FAILURE)
+    info.update({k: v for k, v in extra.items() if k not in info})
     if boot.restore is not None:
         try:
             model.restore_state(boot.restore)

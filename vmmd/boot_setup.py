@@ -50,14 +50,17 @@ def kernel_cmdline(user_cmdline: str, pvm: bool) -> str:
     return f"{user_cmdline} {PVM_KERNEL_OPTIONS}".strip() if pvm else user_cmdline
 
 
-def load_guest(cfg, memory, vcpus, kvm, pvm: bool) -> None:
-    """Write the guest image into memory and give every vCPU its start state."""
+def load_guest(cfg, memory, vcpus, kvm, pvm: bool, pci_irqs=()) -> None:
+    """Write the guest image into memory and give every vCPU its start state.
+
+    ``pci_irqs``: vmmd.boot.mptable.PciIrq entries for the MP table and _PRT."""
     if cfg.raw:
         state = raw.load_raw(memory, Path(cfg.raw).read_bytes(), cfg.raw_mode)
     else:
         kernel = Path(cfg.kernel).read_bytes()
         initrd = Path(cfg.initrd).read_bytes() if cfg.initrd else None
-        info = linux.load_linux(memory, kernel, initrd, kernel_cmdline(cfg.cmdline, pvm), len(vcpus))
+        info = linux.load_linux(memory, kernel, initrd, kernel_cmdline(cfg.cmdline, pvm), len(vcpus),
+                                pci_irqs=pci_irqs)
         state = info.cpu_state
     supported = kvm.supported_cpuid()
     for v in vcpus:

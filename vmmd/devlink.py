@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from bus import endpoint as bus_endpoint
 from bus.protocol import ProtocolError
 from bus.types import IoSpace
+from vmmd.pci.fastpath import PciExpect, close_fds
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class DeviceSpec:
     allowed_gsis: frozenset[int] = frozenset()
     needs_memory: bool = False
     stdio: bool = False  # the device talks to vmmd's terminal (stdio console)
+    pci: PciExpect | None = None  # a PCI function: what it must declare at HELLO
 
 
 @dataclass
@@ -62,6 +64,35 @@ class ManagedDevice:
         self.failures = 0
         self._lock = threading.Lock()
         self.on_failure = None  # set by the supervisor: called with (device, reason)
+        # Kept across incarnations (the supervisor creates them before the first spawn):
+        self.fds: dict[str, int] = {}    # fast-path eventfds by bootstrap name
+        self.dirty_log = None            # devices.virtio.dirty_log.DirtyLog, vmmd's mapping
+        self.pci_info = None             # bus.pci_info.PciInfo declared at the first HELLO
+        self.pci_function = None         # vmmd.pci.function.PciFunction once on the bus
+
+    @property
+    def ready(self) -> bool:
+        """A running incarnation answers accesses (else reads are all-ones)."""
+        return self.current is not None and self.state == "running"
+
+    def harvest_dirty(self):
+        """Guest pages the device wrote since the last harvest (sorted page numbers).
+
+        Flip the active buffer, let the device finish every write that could
+        have seen the old one (CONTROL dirty_sync), then read and clear the old
+        buffer. If the device does not answer, nothing is cleared: the bits
+        stay in the old buffer and the next harvest after that collects them."""
+        if self.dirty_log is None:
+            return []
+        old = self.dirty_log.flip()
+        self.control("dirty_sync")
+        return self.dirty_log.harvest(old)
+
+    def close_fds(self) -> None:
+        close_fds(self.fds)
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
 
     # -- I/O from vCPU threads -------------------------------------------------
     def io_read(self, space: IoSpace, addr: int, size: int) -> int:
@@ -120,6 +151,7 @@ class ManagedDevice:
             "generation": self.generation,
             "last_exit": self.last_exit,
             "ranges": [{"space": r.space.name, "base": r.base, "length": r.length} for r in self.ranges],
+            "fast_path": bool(self.fds),
         }
 
 

@@ -29,6 +29,7 @@ class _Entry:
     end: int
     owner: object
     name: str
+    key: object = None  # who placed it (replace() swaps all entries of one key)
 
 
 class _Table:
@@ -54,22 +55,56 @@ class IoSpaceMap:
         self._tables = {s: _Table([]) for s in self._entries}
         self.unhandled = {IoSpace.PIO: 0, IoSpace.MMIO: 0}
 
-    def add(self, rng: IoRange, owner, name: str) -> None:
+    @staticmethod
+    def _conflict(entries: list[_Entry], rng: IoRange, name: str) -> IoConflict | None:
+        for e in entries:
+            if rng.base < e.end and e.base < rng.end:
+                return IoConflict(
+                    f"{name} claims {rng.space.name} {rng.base:#x}-{rng.end - 1:#x}, "
+                    f"already owned by {e.name}")
+        return None
+
+    def _publish(self) -> None:
+        # One assignment: a reader sees the old tables or the new ones, never a mix.
+        self._tables = {s: _Table(entries) for s, entries in self._entries.items()}
+
+    def add(self, rng: IoRange, owner, name: str, key=None) -> None:
         with self._lock:
             entries = self._entries[rng.space]
-            for e in entries:
-                if rng.base < e.end and e.base < rng.end:
-                    raise IoConflict(
-                        f"{name} claims {rng.space.name} {rng.base:#x}-{rng.end - 1:#x}, "
-                        f"already owned by {e.name}")
-            entries.append(_Entry(rng.base, rng.end, owner, name))
-            self._tables[rng.space] = _Table(entries)
+            err = self._conflict(entries, rng, name)
+            if err:
+                raise err
+            entries.append(_Entry(rng.base, rng.end, owner, name, owner if key is None else key))
+            self._publish()
 
     def remove_owner(self, owner) -> None:
+        """Drop every range of `owner` (or placed under key `owner`)."""
         with self._lock:
-            for space, entries in self._entries.items():
-                entries[:] = [e for e in entries if e.owner is not owner]
-                self._tables[space] = _Table(entries)
+            for entries in self._entries.values():
+                entries[:] = [e for e in entries if e.owner is not owner and e.key is not owner]
+            self._publish()
+
+    def replace(self, key, items) -> list[tuple[IoRange, str, IoConflict]]:
+        """Atomically replace every range placed under `key` with `items`
+        ([(IoRange, owner, name), ...]). An item that overlaps someone else's
+        range is left out; the left-out items are returned with the reason."""
+        rejected = []
+        with self._lock:
+            new = {s: [e for e in entries if e.key is not key] for s, entries in self._entries.items()}
+            for rng, owner, name in items:
+                err = self._conflict(new[rng.space], rng, name)
+                if err:
+                    rejected.append((rng, name, err))
+                    continue
+                new[rng.space].append(_Entry(rng.base, rng.end, owner, name, key))
+            self._entries = new
+            self._publish()
+        return rejected
+
+    def ranges_of(self, key) -> list[tuple[IoRange, str]]:
+        with self._lock:
+            return [(IoRange(s, e.base, e.end - e.base), e.name)
+                    for s, entries in self._entries.items() for e in entries if e.key is key]
 
     def owner_of(self, space: IoSpace, addr: int, size: int = 1):
         e = self._tables[space].find(addr, size)

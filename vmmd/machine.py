@@ -19,6 +19,10 @@ from vmmd.api.methods import NoSuchDevice, VmStateError
 from vmmd.acpi_pm import AcpiSleepControl
 from vmmd.chipset import NullPorts, ResetControl
 from vmmd.devlink import DeviceSpec
+from vmmd.pci.bus import PciBus
+from vmmd.pci.config_access import ConfigMechanism1
+from vmmd.pci.fastpath import PciExpect
+from vmmd.pci.function import intx_gsi
 from vmmd.guest_memory import GuestMemory
 from vmmd.iospace import IoSpaceMap
 from vmmd.kvm import Kvm
@@ -30,6 +34,19 @@ log = logging.getLogger(__name__)
 
 # ISA interrupt lines the LPC bridge's devices may drive: COM2, COM1, RTC.
 LPC_GSIS = frozenset({3, 4, 8})
+MAX_BLK_QUEUES = 1024
+
+
+def virtio_blk_queues(args, where: str) -> int:
+    """num_queues=N among a virtio-blk slot's arguments (default 1)."""
+    n = 1
+    for arg in args[1:]:
+        key, eq, value = arg.partition("=")
+        if key == "num_queues" and eq:
+            if not value.isdigit() or not 1 <= int(value) <= MAX_BLK_QUEUES:
+                raise SystemExit(f"vmmd: error: {where}: num_queues must be 1..{MAX_BLK_QUEUES}")
+            n = int(value)
+    return n
 
 
 class Machine:
@@ -48,7 +65,10 @@ class Machine:
         self.reset_control = ResetControl(self._vcpu_reset)
         self.acpi_sleep = AcpiSleepControl(self._vcpu_shutdown)  # ACPI S5: guest poweroff
         self.null_ports = NullPorts()
-        for owner in (self.reset_control, self.acpi_sleep, self.null_ports):
+        self.pci = PciBus(self.iospace)
+        # 0xCF8-0xCFF: PCI configuration mechanism #1, with reset control at 0xCF9
+        self.config_access = ConfigMechanism1(self.pci, self.reset_control)
+        for owner in (self.config_access, self.acpi_sleep, self.null_ports):
             for r in owner.RANGES:
                 self.iospace.add(r, owner, type(owner).__name__)
         self.vm = None
@@ -73,7 +93,9 @@ class Machine:
         self.supervisor = Supervisor(
             loop=self.loop, rundir=self.rundir, memory=self.memory, iospace=self.iospace,
             irq_line=self._irq_line, on_request=self._device_request,
-            sandbox=self.cfg.sandbox, timeout=self.cfg.device_timeout)
+            sandbox=self.cfg.sandbox, timeout=self.cfg.device_timeout,
+            pci=self.pci, fast_path=self.cfg.bus_mode == "fast")
+        self.supervisor.msi = self._signal_msi
         try:
             for spec in self._device_specs():
                 await self.supervisor.start(self.supervisor.add(spec))
@@ -99,9 +121,25 @@ class Machine:
                     stdio="stdio" in consoles.values()))
             elif slot.device == "hostbridge":
                 continue
+            elif slot.device == "virtio-blk":
+                specs.append(self._virtio_blk_spec(slot))
             else:
                 raise SystemExit(f"vmmd: error: device {slot.device!r} is not available yet")
         return specs
+
+    def _virtio_blk_spec(self, slot) -> DeviceSpec:
+        where = f"-s {slot.slot}:{slot.function},virtio-blk"
+        queues = virtio_blk_queues(slot.args, where)
+        gsi = intx_gsi(slot.slot, 1)  # INTA
+        suffix = f"-{slot.function}" if slot.function else ""
+        return DeviceSpec(
+            id=f"virtio-blk{slot.slot}{suffix}", kind="virtio_blk", slot=slot.slot, function=slot.function,
+            # The device parses its own arguments and opens the image itself, before its sandbox.
+            options={"args": list(slot.args), "path": slot.args[0], "num_queues": queues,
+                     "intx_gsi": gsi, "bus_mode": self.cfg.bus_mode,
+                     "pci": {"vectors": queues + 1, "queues": queues, "intx_pin": 1}},
+            allowed_gsis=frozenset({gsi}), needs_memory=True,
+            pci=PciExpect(vectors=queues + 1, queues=queues, intx=True))
 
     def _build_vm(self) -> None:
         """Create the KVM VM, load the guest, set every vCPU's initial state."""
@@ -110,8 +148,10 @@ class Machine:
         for slot, region in enumerate(self.memory.layout.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, self.memory.host_address(region))
         self.vm = vm
+        self.pci.attach_vm(vm)  # GSI routes, INTx/MSI-X irqfds, BAR windows and ioeventfds
         self.vcpus = [vm.create_vcpu(i) for i in range(self.cfg.cpus)]
-        boot_setup.load_guest(self.cfg, self.memory, self.vcpus, self.kvm, self.assists.enabled)
+        boot_setup.load_guest(self.cfg, self.memory, self.vcpus, self.kvm, self.assists.enabled,
+                              pci_irqs=self.pci.pci_irqs())
 
     def _start_vcpus(self) -> None:
         self.control = RunControl()
@@ -132,6 +172,7 @@ class Machine:
         for v in self.vcpus:
             v.close()
         self.vcpus = []
+        self.pci.detach_vm()
         if self.vm is not None:
             self.vm.close()
             self.vm = None
@@ -141,6 +182,8 @@ class Machine:
         if self.supervisor:
             await self.supervisor.stop_all()
         self._close_vm()
+        if self.supervisor:
+            self.supervisor.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
 
     def _finish(self, code: int) -> None:
@@ -180,6 +223,14 @@ class Machine:
     def _irq_line(self, gsi: int, level: bool) -> None:
         if self.vm is not None:
             self.vm.irq_line(gsi, 1 if level else 0)
+
+    def _signal_msi(self, address: int, data: int) -> None:
+        vm = self.vm
+        if vm is not None:
+            try:
+                vm.signal_msi(address, data)
+            except OSError as exc:
+                log.warning("MSI %#x/%#x not delivered: %s", address, data, exc)
 
     def _device_request(self, dev, what: str, args: dict) -> None:
         if what == "quit":
@@ -242,6 +293,7 @@ class Machine:
                     await self.loop.run_in_executor(None, dev.control, "reset")
                 except Exception as exc:
                     log.warning("device %s reset failed: %s", dev.spec.id, exc)
+            self.pci.reset()
             self._build_vm()
             self._start_vcpus()
             self.resets += 1

@@ -24,7 +24,10 @@ import zmq
 
 from bus import endpoint as bus_endpoint
 from bus import protocol
+from bus.pci_info import PciInfoError, parse_pci_info
 from vmmd.devlink import DeviceSpec, Incarnation, ManagedDevice, close_incarnation
+from vmmd.pci import fastpath
+from vmmd.pci.function import intx_gsi
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,8 @@ class SpawnError(RuntimeError):
 
 class Supervisor:
     def __init__(self, *, loop: asyncio.AbstractEventLoop, rundir: str, memory,
-                 iospace, irq_line, on_request, sandbox: str, timeout: float):
+                 iospace, irq_line, on_request, sandbox: str, timeout: float,
+                 pci=None, fast_path: bool = True):
         self.loop = loop
         self.rundir = rundir
         self.memory = memory
@@ -60,17 +64,65 @@ class Supervisor:
         self._restart_tasks: dict[str, asyncio.Task] = {}
         self._stopping = False
         self.msi = None  # callable(address, data), set once MSI routing exists
+        self.pci = pci  # vmmd.pci.bus.PciBus: where PCI functions are registered
+        self.fast_path = fast_path  # False: --bus-mode bus-only (no irqfds/ioeventfds)
 
     # -- spawning ----------------------------------------------------------------
     def add(self, spec: DeviceSpec) -> ManagedDevice:
         dev = ManagedDevice(spec, self.timeout, self.sandbox)
         dev.on_failure = lambda d, why: self.loop.call_soon_threadsafe(self._on_failure, d, why)
+        if spec.pci is not None:
+            # Created once, handed to every incarnation: KVM registrations stay valid.
+            if self.fast_path:
+                dev.fds = fastpath.create_eventfds(spec.pci)
+            if spec.needs_memory:
+                try:
+                    dev.dirty_log = fastpath.create_dirty_log(self.memory.layout)
+                except ImportError as exc:
+                    log.warning("device %s: no dirty log (%s)", spec.id, exc)
         self.devices[spec.id] = dev
         return dev
 
     async def start(self, dev: ManagedDevice) -> None:
         inc, hello = await self.loop.run_in_executor(None, self._spawn_blocking, dev)
         self._attach(dev, inc, hello)
+        if dev.spec.pci is not None and self.pci is not None:
+            await self.loop.run_in_executor(None, self._attach_pci, dev)
+
+    def _attach_pci(self, dev: ManagedDevice) -> None:
+        """First incarnation: put the function on the bus. Later ones: their
+        restored registers (BARs, COMMAND, MSI-X control) re-derive the routing."""
+        f = getattr(dev, "pci_function", None)
+        if f is None:
+            info = dev.pci_info
+            gsi = intx_gsi(dev.spec.slot, info.intx_pin) if info.intx_pin else None
+            dev.pci_function = self.pci.add(dev.spec.slot, dev.spec.function, dev, info, fds=dev.fds,
+                                            intx_gsi=gsi, name=dev.spec.id)
+        self.pci.refresh(dev)
+
+    def validate_hello(self, dev: ManagedDevice, hello) -> str:
+        """Why a HELLO is refused ("" to accept); parses and keeps info["pci"]."""
+        expect = dev.spec.pci
+        if expect is None:
+            return ""
+        if hello.ranges:
+            return "a PCI device declares no fixed ranges (its BARs place it)"
+        try:
+            info = parse_pci_info(hello.info.get("pci"))
+        except PciInfoError as exc:
+            return f"bad PCI declaration: {exc}"
+        if info.vectors != expect.vectors or info.queues != expect.queues:
+            return (f"PCI declaration has {info.vectors} MSI-X vectors and {info.queues} queues, "
+                    f"vmmd expects {expect.vectors} and {expect.queues}")
+        if bool(info.intx_pin) != expect.intx:
+            return f"PCI declaration has intx_pin {info.intx_pin}, vmmd expects {'one' if expect.intx else 'none'}"
+        want_gsi = dev.spec.options.get("intx_gsi")
+        if info.intx_pin and want_gsi is not None and intx_gsi(dev.spec.slot, info.intx_pin) != want_gsi:
+            return f"INTx pin {info.intx_pin} does not route to GSI {want_gsi} in slot {dev.spec.slot}"
+        if dev.pci_info is not None and info != dev.pci_info:
+            return "PCI declaration differs from the device's first incarnation"
+        dev.pci_info = info
+        return ""
 
     def _bootstrap(self, dev: ManagedDevice, gen: int, channel, pass_fds: list[int]) -> dict:
         spec = dev.spec
@@ -96,7 +148,11 @@ class Supervisor:
             pass_fds.append(self.memory.fd)
         boot = self._bootstrap(dev, gen, channel, pass_fds)
         boot["status_fd"] = status_w
-        boot["fds"] = {"lifeline": life_r}
+        boot["fds"] = {"lifeline": life_r, **dev.fds}
+        pass_fds.extend(dev.fds.values())
+        if dev.dirty_log is not None:
+            boot["fds"]["dirty_log"] = dev.dirty_log.fd
+            pass_fds.append(dev.dirty_log.fd)
         cmd = [sys.executable, "-m", f"devices.{spec.kind}", "--bootstrap", json.dumps(boot)]
         try:
             proc = subprocess.Popen(
@@ -123,10 +179,11 @@ class Supervisor:
         pidfd = os.pidfd_open(pid)
         inc = Incarnation(gen, pid, pidfd, channel, lifeline=life_w)
         try:
-            hello = channel.handshake(SPAWN_TIMEOUT, pidfd)
+            hello = channel.handshake(SPAWN_TIMEOUT, pidfd, validate=lambda h: self.validate_hello(dev, h))
         except Exception as exc:
             self._kill_and_reap(inc)
             close_incarnation(inc)
+            log.error("device %s rejected at its handshake: %s", spec.id, exc)
             raise SpawnError(f"device {spec.id} did not complete its handshake: {exc}") from exc
         if dev.last_checkpoint is not None:
             # The state travels over the bus (msgpack), not in the JSON bootstrap.
@@ -210,6 +267,12 @@ class Supervisor:
                 log.warning("device %s sent an MSI but MSI is not routed", dev.spec.id)
                 return
             self.msi(msg.address, msg.data)
+        elif isinstance(msg, protocol.Vector):
+            f = getattr(dev, "pci_function", None)
+            if f is None or f.msix is None:
+                log.warning("device %s fired vector %d but has no MSI-X", dev.spec.id, msg.vector)
+                return
+            f.fire_vector(msg.vector)
         elif isinstance(msg, protocol.Checkpoint):
             dev.last_checkpoint = msg.state
         elif isinstance(msg, protocol.Request):
@@ -342,3 +405,8 @@ class Supervisor:
             await self.loop.run_in_executor(None, self._kill_and_reap, inc)
             dev.current = None
             close_incarnation(inc)
+
+    def close(self) -> None:
+        """Release what the devices kept across incarnations (after stop_all)."""
+        for dev in self.devices.values():
+            dev.close_fds()

@@ -23,6 +23,8 @@ DEVICE_MSGS = [
     p.IrqLine(1023, 0),
     p.Msi(0xFEE00000, 0x4041),
     p.Msi((5 << 32) | 0xFEE01000, 0xFFFFFFFF),
+    p.Vector(0),
+    p.Vector(2047),
     p.Checkpoint({"regs": [1, 2, 3], "blob": b"\xff" * 100}),
     p.Request("quit", {}),
     p.Request("reset", {"why": "guest"}),
@@ -303,8 +305,23 @@ def test_fuzz_random_arrays_of_valid_shape():
     arity = {MsgType.HELLO: 5, MsgType.WELCOME: 4, MsgType.READ: 4, MsgType.READ_REPLY: 2,
              MsgType.WRITE: 4, MsgType.CONTROL: 3, MsgType.CONTROL_REPLY: 3, MsgType.IRQ_LINE: 2,
              MsgType.MSI: 2, MsgType.CHECKPOINT: 1, MsgType.REQUEST: 2, MsgType.LOG: 2,
-             MsgType.ERROR: 2}
+             MsgType.ERROR: 2, MsgType.VECTOR: 1}
     for _ in range(4000):
         t = rng.choice(list(arity))
         fields = [_random_value(rng) for _ in range(arity[t])]
         _check(msgpack.packb([int(t), *fields], use_bin_type=True))
+
+
+def test_vector_event():
+    """VECTOR (bus-only MSI-X): an event, vector < 2048, exact types."""
+    assert p.decode_from_device(p.encode(p.Vector(5))) == p.Vector(5)
+    assert MsgType.VECTOR in p.EVT_FROM_DEVICE and MsgType.VECTOR not in p.REQ_FROM_DEVICE
+    for bad in (2048, -1, True, 1.0, "1"):
+        with pytest.raises(ProtocolError):
+            p.decode_from_device(msgpack.packb([int(MsgType.VECTOR), bad]))
+    with pytest.raises(ProtocolError):
+        p.decode_from_vmm(msgpack.packb([int(MsgType.VECTOR), 1]))
+
+
+def test_dirty_sync_is_a_control_op():
+    assert p.decode_from_vmm(p.encode(p.Control(1, "dirty_sync", {}))).op == "dirty_sync"
