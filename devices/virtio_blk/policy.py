@@ -6,6 +6,8 @@ dirty log, ioeventfds/irqfds and the bus. On top of the base policy (which
 already allows preadv/pwritev/pread64/pwrite64, fdatasync/fsync, lseek and
 fstat on open fds) it needs:
 
+  preadv2/pwritev2  the data path: CPython's os.preadv/os.pwritev call the
+                 v2 syscalls (flags 0) where the libc has them
   fallocate      DISCARD (PUNCH_HOLE|KEEP_SIZE) and WRITE_ZEROES (ZERO_RANGE,
                  or PUNCH_HOLE with UNMAP) on image files; WRITE_ZEROES on
                  block devices
@@ -26,7 +28,7 @@ IMAGE_FILE_LIMIT = 1 << 62
 
 POLICY = base_policy().extend(
     "virtio_blk",
-    allow={"fallocate"},
+    allow={"fallocate", "preadv2", "pwritev2"},
     conditional=(ArgRule("ioctl", ((1, EQ, BLKDISCARD, 0),)),),
     file_size_limit=IMAGE_FILE_LIMIT,
 )

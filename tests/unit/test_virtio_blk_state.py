@@ -63,7 +63,7 @@ def test_policy():
     from devices.virtio_blk.policy import POLICY
     assert POLICY.name == "virtio_blk"
     assert "fallocate" in POLICY.allow
-    for name in ("preadv", "pwritev", "pread64", "pwrite64", "fdatasync", "lseek"):
+    for name in ("preadv", "pwritev", "preadv2", "pwritev2", "pread64", "pwrite64", "fdatasync", "lseek"):
         assert name in POLICY.allow
     blk_ioctls = [r for r in POLICY.conditional
                   if r.syscall == "ioctl" and r.args[0][0] == 1 and r.args[0][2] == BLKDISCARD]
