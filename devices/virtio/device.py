@@ -414,7 +414,7 @@ class VirtioDevice(DeviceModel):
     def stats(self) -> dict:
         t = self.transport
         return {"status": t.status, "features": t.negotiated, "isr": t.isr,
-                "needs_reset": self.needs_reset_reason, **self.counters,
+                "needs_reset_reason": self.needs_reset_reason, **self.counters,
                 "queues": [None if q is None else {"size": q.size, "last_avail": q.last_avail_idx,
                                                    "used": q.used_idx} for q in self.queues]}
 
