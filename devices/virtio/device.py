@@ -441,7 +441,7 @@ class VirtioDevice(DeviceModel):
         if not isinstance(dstate, dict):
             raise ValueError("virtio state device must be a map")
         old = self.transport.save()
-        self.transport.restore(state["transport"])  # validates before changing anything
+        self.transport.restore(state.get("transport"))  # validates before changing anything
         try:
             queues: list[SplitQueue | None] = [None] * len(self.queues)
             broken = None

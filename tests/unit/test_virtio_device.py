@@ -533,6 +533,7 @@ def test_restore_rejects_bad_state_and_changes_nothing(mem):
     before = dev2.save_state()
     bad_states = [None, {}, dict(good, virtio=2), dict(good, queues=[None]),
                   dict(good, device=None), dict(good, device={"inflight": None, "cfg": b""}),
+                  {k: v for k, v in good.items() if k != "transport"},
                   dict(good, transport=dict(good["transport"], status=999))]
     for bad in bad_states:
         with pytest.raises(ValueError):
