@@ -100,6 +100,7 @@ class DirtyLog:
                             for o in self._offsets)
         self._words = tuple(b.view("<u8") for b in self._bytes)
         self._lock = threading.Lock()
+        self._acquire, self._release = self._lock.acquire, self._lock.release
 
     # --- construction ----------------------------------------------------------
 
@@ -145,13 +146,16 @@ class DirtyLog:
             last = self.pages - 1
             if first > last:
                 return
-        with self._lock:
+        self._acquire()
+        try:
             base = self._offsets[self._hdr[_ACTIVE_WORD] & 1]
             if first == last:
                 i = base + (first >> 3)
                 self._mv[i] |= 1 << (first & 7)
             else:
                 self._set_range(base, first, last)
+        finally:
+            self._release()
 
     def _set_range(self, base: int, first: int, last: int) -> None:
         a, b = first >> 3, last >> 3
@@ -170,8 +174,8 @@ class DirtyLog:
     def sync(self) -> None:
         """Barrier for CONTROL dirty_sync: returns once no mark() that could
         have read the previous active index is still setting bits."""
-        with self._lock:
-            pass
+        self._acquire()
+        self._release()
 
     # --- vmmd side ------------------------------------------------------------------
 

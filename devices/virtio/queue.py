@@ -57,11 +57,12 @@ _USED_ELEM = struct.Struct("<II")
 # reading the driver's used_event / flags, and between publishing avail_event
 # and re-reading the avail index: x86 may otherwise let the load pass the store.
 _barrier_lock = threading.Lock()
+_barrier_acquire, _barrier_release = _barrier_lock.acquire, _barrier_lock.release
 
 
 def memory_barrier() -> None:
-    with _barrier_lock:
-        pass
+    _barrier_acquire()
+    _barrier_release()
 
 
 class QueueError(Exception):
@@ -94,12 +95,13 @@ class DescriptorChain:
     __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
 
     def __init__(self, head: int, readable: list[tuple[int, int]],
-                 writable: list[tuple[int, int]]):
+                 writable: list[tuple[int, int]], readable_len: int | None = None,
+                 writable_len: int | None = None):
         self.head = head
         self.readable = readable
         self.writable = writable
-        self.readable_len = sum(n for _, n in readable)
-        self.writable_len = sum(n for _, n in writable)
+        self.readable_len = sum(n for _, n in readable) if readable_len is None else readable_len
+        self.writable_len = sum(n for _, n in writable) if writable_len is None else writable_len
 
     def __repr__(self) -> str:
         return (f"DescriptorChain(head={self.head}, readable={self.readable}, "
@@ -197,7 +199,9 @@ class SplitQueue:
         self.signalled_valid = False
         self._used_event_off = 4 + 2 * size    # in the avail area
         self._avail_event_off = 4 + 8 * size   # in the used area
-        self._mark = mem.mark_dirty if mem.dirty_log is not None else None
+        self._mark = mem.dirty_log.mark if mem.dirty_log is not None else None
+        self._used_size = usize
+        self._ram = tuple((r.gpa, r.end) for r in mem.guest.layout.regions)
 
     # --- reading the driver's side -------------------------------------------------
 
@@ -224,7 +228,8 @@ class SplitQueue:
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
-        mem, contains = self.mem, self.mem.guest.layout.contains
+        mem, ram = self.mem, self._ram
+        rlen = wlen = 0
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         table, table_size = self._desc, self.size
@@ -265,16 +270,22 @@ class SplitQueue:
             buffers += 1
             if buffers > limit:
                 raise ChainError(head, f"chain longer than {limit} descriptors")
-            if not contains(addr, length):
+            end = addr + length
+            for lo, hi in ram:
+                if lo <= addr and end <= hi:
+                    break
+            else:
                 raise ChainError(head, f"buffer {addr:#x}+{length:#x} outside guest RAM")
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
+                wlen += length
             elif writable:
                 raise ChainError(head, "device-readable descriptor after a device-writable one")
             else:
                 readable.append((addr, length))
+                rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable)
+                return DescriptorChain(head, readable, writable, rlen, wlen)
             idx = nxt
 
     # --- completing ---------------------------------------------------------------------
@@ -288,8 +299,9 @@ class SplitQueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         _U16.pack_into(self._used, 2, self.used_idx)  # element before index (x86 TSO)
         if self._mark is not None:
-            self._mark(self.used_gpa + slot, 8)
-            self._mark(self.used_gpa + 2, 2)
+            # one call for the element and the index: the used ring spans
+            # at most a few pages, all of them written over time anyway
+            self._mark(self.used_gpa, self._used_size)
 
     def needs_interrupt(self) -> bool:
         """Should the device interrupt the driver for the used entries so far?
