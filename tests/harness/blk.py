@@ -92,6 +92,7 @@ class VirtioBlk:
         self.mem = harness.memory
         self.drv = VirtioPciDriver(harness, slot, function, timeout=timeout)
         self.timeout = timeout
+        self.copy_data = True  # False: completed reads leave their data in guest memory (benchmarks)
         self._init_args = dict(features=features, queues=queues, queue_size=queue_size,
                                event_idx=event_idx, indirect=indirect)
         if probe:
@@ -215,7 +216,7 @@ class VirtioBlk:
         s = r.slot
         r.written = written
         r.status = self.mem.read(s.base + 16, 1)[0]
-        if r.kind in (T_IN, T_GET_ID) and r.status == S_OK:
+        if r.kind in (T_IN, T_GET_ID) and r.status == S_OK and self.copy_data:
             r.data = self.mem.read(s.data, r.nbytes)
         r.done = True
         self.inflight[r.q].pop(r.token, None)
