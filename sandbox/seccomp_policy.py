@@ -166,7 +166,7 @@ _BASE_ALLOW = {
     # threads and signals
     "set_robust_list", "rseq", "set_tid_address", "gettid", "getpid",
     "rt_sigreturn", "rt_sigprocmask", "rt_sigaction", "sigaltstack",
-    "sched_getaffinity", "exit", "exit_group",
+    "sched_getaffinity", "sched_getparam", "sched_getscheduler", "exit", "exit_group",
     # identity and randomness
     "getuid", "geteuid", "getgid", "getegid", "getrandom", "getcwd", "uname",
 }
