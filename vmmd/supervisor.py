@@ -136,6 +136,10 @@ class Supervisor:
             "generation": gen,
         }
 
+    def command(self, spec: DeviceSpec, boot: dict) -> list[str]:
+        """The device program's argv (tests override it to run a fake model)."""
+        return [sys.executable, "-m", f"devices.{spec.kind}", "--bootstrap", json.dumps(boot)]
+
     def _spawn_blocking(self, dev: ManagedDevice):
         """Start one incarnation and complete its handshake (runs in a worker thread)."""
         spec = dev.spec
@@ -153,7 +157,7 @@ class Supervisor:
         if dev.dirty_log is not None:
             boot["fds"]["dirty_log"] = dev.dirty_log.fd
             pass_fds.append(dev.dirty_log.fd)
-        cmd = [sys.executable, "-m", f"devices.{spec.kind}", "--bootstrap", json.dumps(boot)]
+        cmd = self.command(spec, boot)
         try:
             proc = subprocess.Popen(
                 cmd, pass_fds=pass_fds,
