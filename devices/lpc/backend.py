@@ -65,9 +65,14 @@ class Backend:
 
     def pause_reading(self) -> None:
         self.reading_paused = True
+        self._sync_reader()
 
     def resume_reading(self) -> None:
         self.reading_paused = False
+        self._sync_reader()
+
+    def _sync_reader(self) -> None:
+        """Attach or detach the input reader to match reading_paused (backends with input)."""
 
     def close(self) -> None:
         pass
@@ -269,14 +274,6 @@ class StdioBackend(Backend):
     def write(self, data: bytes) -> None:
         self.out.write(data)
 
-    def pause_reading(self) -> None:
-        super().pause_reading()
-        self._sync_reader()
-
-    def resume_reading(self) -> None:
-        super().resume_reading()
-        self._sync_reader()
-
     def close(self) -> None:
         self.eof = True
         self._sync_reader()
@@ -393,14 +390,6 @@ class SocketBackend(Backend):
         if excess > 0:
             self.stats["tx_dropped"] += excess
             del self.replay[:excess]
-
-    def pause_reading(self) -> None:
-        super().pause_reading()
-        self._sync_reader()
-
-    def resume_reading(self) -> None:
-        super().resume_reading()
-        self._sync_reader()
 
     def close(self) -> None:
         self._disconnect()

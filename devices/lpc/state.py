@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from devices.lpc import rtc as rtcdef
 from devices.lpc import uart as uartdef
+from devices.state_version import upgrade
 
 STATE_VERSION = 1
 
@@ -144,16 +145,7 @@ def check_legacy(obj: Any, where: str = "legacy") -> dict:
 
 def check_state(state: Any) -> dict:
     """Validate (and migrate) a saved state; return a clean copy or raise ValueError."""
-    if not isinstance(state, dict):
-        raise ValueError(f"lpc state: expected a map, got {type(state).__name__}")
-    version = state.get("version")
-    if type(version) is not int:
-        raise ValueError(f"lpc state: missing or non-integer version {version!r}")
-    while version < STATE_VERSION and version in MIGRATIONS:
-        state = MIGRATIONS[version](state)
-        version += 1
-    if version != STATE_VERSION:
-        raise ValueError(f"lpc state: version {version} not supported (want {STATE_VERSION})")
+    state = upgrade(state, "lpc", STATE_VERSION, MIGRATIONS)
     d = _fields(state, {"version", "com1", "com2", "rtc", "legacy"}, "lpc state")
     return {
         "version": STATE_VERSION,

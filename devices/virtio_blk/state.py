@@ -22,6 +22,7 @@ MIGRATIONS, as in devices/lpc/state.py.
 from __future__ import annotations
 
 from typing import Any, Callable
+from devices.state_version import upgrade
 
 STATE_VERSION = 1
 
@@ -44,16 +45,7 @@ def _int(d: dict, key: str, lo: int, hi: int) -> int:
 
 def check_state(state: Any) -> dict:
     """Validate (and migrate) a saved state; return a clean copy or raise ValueError."""
-    if not isinstance(state, dict):
-        raise ValueError(f"virtio_blk state: expected a map, got {type(state).__name__}")
-    version = state.get("version")
-    if type(version) is not int:
-        raise ValueError(f"virtio_blk state: missing or non-integer version {version!r}")
-    while version < STATE_VERSION and version in MIGRATIONS:
-        state = MIGRATIONS[version](state)
-        version += 1
-    if version != STATE_VERSION:
-        raise ValueError(f"virtio_blk state: version {version} not supported (want {STATE_VERSION})")
+    state = upgrade(state, "virtio_blk", STATE_VERSION, MIGRATIONS)
     missing, extra = KEYS - state.keys(), state.keys() - KEYS
     if missing or extra:
         raise ValueError(f"virtio_blk state: missing {sorted(missing)}, "
