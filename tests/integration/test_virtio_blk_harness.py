@@ -504,6 +504,21 @@ class TestVirtioBlk:
             assert d.read(sector, 16) == data
         assert dev.generation == gen + 1
 
+    def test_flushed_write_survives_a_device_crash(self, harness, tmp_path):
+        # Acknowledged writes followed by a completed FLUSH are on the host's
+        # file even if the device process dies right after (kill -9): FLUSH is
+        # fdatasync on the image, done before the FLUSH completes.
+        path = _disk(tmp_path)
+        dev, d = _attach(harness, path)
+        data = os.urandom(64 * SECTOR)
+        d.write(512, data)
+        d.flush()
+        gen = dev.generation
+        os.kill(dev.current.pid, signal.SIGKILL)
+        assert _host_read(path, 512, 64) == data
+        harness.wait_running(dev, gen + 1)
+        assert d.read(512, 64) == data
+
     def test_operator_restart_keeps_queues(self, harness, tmp_path):
         path = _disk(tmp_path)
         dev, d = _attach(harness, path)
