@@ -118,7 +118,9 @@ class Machine:
                              "memory_low": self.memory.layout.regions[0].size,
                              "memory_high": sum(r.size for r in self.memory.layout.regions[1:])},
                     allowed_gsis=LPC_GSIS,
-                    stdio="stdio" in consoles.values()))
+                    stdio="stdio" in consoles.values(),
+                    # Its ISA bridge function sits at the slot (0:31.0 as in bhyve).
+                    pci=PciExpect(vectors=0, queues=0, intx=False, fixed_ranges=True)))
             elif slot.device == "hostbridge":
                 continue
             elif slot.device == "virtio-blk":

@@ -105,7 +105,7 @@ class Supervisor:
         expect = dev.spec.pci
         if expect is None:
             return ""
-        if hello.ranges:
+        if hello.ranges and not expect.fixed_ranges:
             return "a PCI device declares no fixed ranges (its BARs place it)"
         try:
             info = parse_pci_info(hello.info.get("pci"))

@@ -21,6 +21,7 @@ from typing import Callable
 
 from bus.types import IoRange, IoSpace
 from devices.lpc import legacy as legacydef
+from devices.lpc import pci_config
 from devices.lpc.backend import Backend, make_backend
 from devices.lpc.legacy import LegacyPorts
 from devices.lpc.rtc import Rtc, utc_now
@@ -95,6 +96,7 @@ class LpcDevice(DeviceModel):
             raise
         self.rtc = Rtc(now, opts["memory_low"], opts["memory_high"], on_config=host.checkpoint)
         self.legacy = LegacyPorts(on_reset=self._reset_request, post_port=opts["post_port"])
+        self.pci_config = pci_config.IsaBridgeConfig()
         self._dispatch = self._build_dispatch()
 
     @staticmethod
@@ -158,7 +160,12 @@ class LpcDevice(DeviceModel):
         ranges += [IoRange(IoSpace.PIO, port, 1) for port in self.legacy.ports]
         return ranges
 
+    def hello_info(self) -> dict:
+        return {"pci": pci_config.PCI_DECLARATION}
+
     def io_read(self, space: IoSpace, addr: int, size: int) -> int:
+        if space == IoSpace.PCI_CFG:
+            return self.pci_config.read(addr, size)
         if space != IoSpace.PIO:
             return (1 << (8 * size)) - 1
         value = 0
@@ -168,6 +175,9 @@ class LpcDevice(DeviceModel):
         return value
 
     def io_write(self, space: IoSpace, addr: int, size: int, value: int) -> None:
+        if space == IoSpace.PCI_CFG:
+            self.pci_config.write(addr, size, value)
+            return
         if space != IoSpace.PIO:
             return
         for i in range(size):
@@ -184,6 +194,7 @@ class LpcDevice(DeviceModel):
             port.feed()  # applies the quiesced / pending state to the backend
 
     def reset(self) -> None:
+        self.pci_config.reset()
         for port in self.ports.values():
             port.uart.reset()
         self.rtc.reset()

@@ -483,3 +483,29 @@ def test_stdio_backend_with_unpollable_stdin(host, tmp_path):
     finally:
         for fd in (null_in, out_r, out_w):
             os.close(fd)
+
+
+def test_lpc_presents_an_isa_bridge_function():
+    from bus.pci_info import parse_pci_info
+    from bus.types import IoSpace
+    from devices.lpc.model import LpcDevice
+
+    class Host:
+        memory = None
+        def set_irq_line(self, gsi, level): pass
+        def send_msi(self, a, d): pass
+        def checkpoint(self): pass
+        def request(self, what, args=None): pass
+
+    dev = LpcDevice(Host(), {"com1": "null", "com2": "null"})
+    info = parse_pci_info(dev.hello_info()["pci"])
+    assert info.bars == () and info.msix is None and info.intx_pin == 0
+    assert dev.io_read(IoSpace.PCI_CFG, 0x00, 4) == 0x7000_8086
+    assert dev.io_read(IoSpace.PCI_CFG, 0x0A, 2) == 0x0601  # ISA bridge
+    assert dev.io_read(IoSpace.PCI_CFG, 0x10, 4) == 0      # no BARs
+    dev.io_write(IoSpace.PCI_CFG, 0x00, 4, 0x12345678)      # identification is read-only
+    assert dev.io_read(IoSpace.PCI_CFG, 0x00, 4) == 0x7000_8086
+    dev.io_write(IoSpace.PCI_CFG, 0x04, 2, 0xFFFF)
+    assert dev.io_read(IoSpace.PCI_CFG, 0x04, 2) == 0x0007
+    assert dev.io_read(IoSpace.PCI_CFG, 0xFE, 4) == 0xFFFFFFFF  # past the end
+    dev.close()

@@ -20,6 +20,7 @@ class PciExpect:
     vectors: int
     queues: int
     intx: bool = True
+    fixed_ranges: bool = False  # legacy ports besides the function (the LPC bridge)
 
 
 def create_eventfds(expect: PciExpect) -> dict[str, int]:
