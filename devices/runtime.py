@@ -285,6 +285,8 @@ class Server:
                 sync = getattr(model, "dirty_sync", None)
                 if sync is not None:
                     sync()
+            elif op == "device":
+                result = model.device_control(msg.args["op"], msg.args.get("args") or {})
             elif op == "stats":
                 result = dict(model.stats())
                 result["bus"] = {"faults": self.host.faults,
@@ -301,8 +303,12 @@ class Server:
     async def serve(self) -> int:
         await self.model.start()
         served = 0
+        channel = self.channel
         while True:
-            msg = await self.channel.recv()
+            msg = channel.recv_nowait()
+            if msg is None:
+                await channel.wait_readable()
+                continue
             t = type(msg)
             if t is protocol.Read:
                 self.read(msg)
