@@ -98,7 +98,10 @@ class Machine:
         self.supervisor.msi = self._signal_msi
         try:
             for spec in self._device_specs():
-                await self.supervisor.start(self.supervisor.add(spec))
+                dev = self.supervisor.add(spec)
+                if spec.kind == "virtio_net":
+                    dev.fds.update(self._open_net_backend(spec))
+                await self.supervisor.start(dev)
             self._build_vm()
             self._start_vcpus()
             self.state = "running"
@@ -125,6 +128,8 @@ class Machine:
                 continue
             elif slot.device == "virtio-blk":
                 specs.append(self._virtio_blk_spec(slot))
+            elif slot.device == "virtio-net":
+                specs.append(self._virtio_net_spec(slot))
             else:
                 raise SystemExit(f"vmmd: error: device {slot.device!r} is not available yet")
         return specs
@@ -142,6 +147,36 @@ class Machine:
                      "pci": {"vectors": queues + 1, "queues": queues, "intx_pin": 1}},
             allowed_gsis=frozenset({gsi}), needs_memory=True,
             pci=PciExpect(vectors=queues + 1, queues=queues, intx=True))
+
+    def _virtio_net_spec(self, slot) -> DeviceSpec:
+        """`-s N,virtio-net,tap=NAME|socket=PATH[,mac=..][,...]`: the device parses its
+        options; vmmd opens the backend (_open_net_backend) in its own network namespace."""
+        import os
+        where = f"-s {slot.slot}:{slot.function},virtio-net"
+        backends = [a.split("=", 1) for a in slot.args if a.split("=", 1)[0] in ("tap", "socket")]
+        if len(backends) != 1 or not backends[0][1:] or not backends[0][1]:
+            raise SystemExit(f"vmmd: error: {where}: needs exactly one of tap=NAME or socket=PATH")
+        macs = [a.split("=", 1)[1] for a in slot.args if a.startswith("mac=")]
+        mac = macs[-1] if macs else "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+        gsi = intx_gsi(slot.slot, 1)  # INTA
+        suffix = f"-{slot.function}" if slot.function else ""
+        queues = 3  # receiveq1, transmitq1, controlq
+        return DeviceSpec(
+            id=f"virtio-net{slot.slot}{suffix}", kind="virtio_net", slot=slot.slot, function=slot.function,
+            options={"args": list(slot.args), "mac": mac, "backend": backends[0],
+                     "intx_gsi": gsi, "bus_mode": self.cfg.bus_mode},
+            allowed_gsis=frozenset({gsi}), needs_memory=True,
+            pci=PciExpect(vectors=queues + 1, queues=queues, intx=True))
+
+    @staticmethod
+    def _open_net_backend(spec: DeviceSpec) -> dict:
+        """The tap (needs CAP_NET_ADMIN) or switch socket, opened in vmmd's network
+        namespace and handed to every incarnation as bootstrap fd "tap"/"socket"."""
+        from devices.virtio_net.backend import open_host_fds
+        try:
+            return open_host_fds(spec.options["backend"])
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"vmmd: error: {spec.id}: cannot open {'='.join(spec.options['backend'])}: {exc}")
 
     def _build_vm(self) -> None:
         """Create the KVM VM, load the guest, set every vCPU's initial state."""
@@ -321,6 +356,32 @@ class Machine:
             finally:
                 if was_running:
                     self.control.resume()
+
+    def _device_or_raise(self, device_id: str):
+        dev = self.supervisor.devices.get(device_id) if self.supervisor else None
+        if dev is None:
+            raise NoSuchDevice(f"no device {device_id!r}")
+        return dev
+
+    async def _device_call(self, dev, op: str, args: dict | None = None):
+        from bus.endpoint import ChannelError, DeviceControlError
+        try:
+            return await self.loop.run_in_executor(None, dev.control, op, args or {})
+        except DeviceControlError as exc:
+            raise VmStateError(f"device {dev.spec.id}: {exc}") from None
+        except ChannelError as exc:
+            raise VmStateError(f"device {dev.spec.id} did not answer: {exc}") from None
+
+    async def device_stats(self, device_id: str) -> dict:
+        """The device process's own counters (CONTROL stats)."""
+        return await self._device_call(self._device_or_raise(device_id), "stats")
+
+    async def set_link(self, device_id: str, up: bool) -> dict:
+        """virtio-net link up/down (CONTROL device set_link)."""
+        dev = self._device_or_raise(device_id)
+        if dev.spec.kind != "virtio_net":
+            raise NoSuchDevice(f"device {device_id!r} is not a virtio-net NIC")
+        return await self._device_call(dev, "device", {"op": "set_link", "args": {"up": up}})
 
     def vcpu_stats(self) -> list[dict]:
         return [{"index": t.index, "exits": dict(t.stats.exits)} for t in self.threads]

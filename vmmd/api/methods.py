@@ -65,6 +65,15 @@ class VmControl(Protocol):
         """Kill and respawn one device process; NoSuchDevice if unknown."""
         ...
 
+    async def device_stats(self, device_id: str) -> dict:
+        """The device process's counters (its CONTROL stats reply); NoSuchDevice if unknown."""
+        ...
+
+    async def set_link(self, device_id: str, up: bool) -> dict:
+        """virtio-net link state: {"was_up": bool, "up": bool}; NoSuchDevice if unknown
+        or not a NIC."""
+        ...
+
 
 # ---------------------------------------------------------------------------
 # Schemas (result schemas are documentation; params schemas are enforced)
@@ -132,6 +141,29 @@ def build_registry(control: VmControl) -> Registry:
                   "properties": {"id": {"type": "string", "minLength": 1, "description": "device id"}},
                   "required": ["id"], "additionalProperties": False},
                  NULL_RESULT, "Restart one device process")
+    async def device_stats(params: dict) -> dict:
+        return await control.device_stats(params["id"])
+
+    registry.add("device.stats", device_stats,
+                 {"type": "object",
+                  "properties": {"id": {"type": "string", "minLength": 1, "description": "device id"}},
+                  "required": ["id"], "additionalProperties": False},
+                 {"type": "object", "description": "the device's counters (virtio-net: net.rx_packets, "
+                                                   "rx_bytes, rx_dropped, tx_packets, tx_bytes, "
+                                                   "tx_dropped, tx_malformed, ...)"},
+                 "Counters of one device process")
+
+    async def set_link(params: dict) -> dict:
+        return await control.set_link(params["id"], params["up"])
+
+    registry.add("device.set_link", set_link,
+                 {"type": "object",
+                  "properties": {"id": {"type": "string", "minLength": 1, "description": "NIC id"},
+                                 "up": {"type": "boolean", "description": "link up (true) or down"}},
+                  "required": ["id", "up"], "additionalProperties": False},
+                 {"type": "object", "properties": {"was_up": {"type": "boolean"},
+                                                   "up": {"type": "boolean"}}},
+                 "Set a virtio-net NIC's link up or down (STATUS.LINK_UP, config interrupt)")
     registry.add("vmm.version", lambda p: {"version": vmmd.__version__, "protocol": PROTOCOL_VERSION},
                  None, VERSION_SCHEMA, "vmmd version and device bus protocol version")
     registry.add("rpc.discover", lambda p: openrpc.build_document(registry),
