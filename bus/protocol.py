@@ -294,6 +294,12 @@ def _p_control(f: list) -> Control:
     args = _map(f[2], "control args")
     if op == "restore" and type(args.get("state")) is not dict:
         raise ProtocolError("restore needs args {'state': map}")
+    if op == "device":  # a device-specific op: {"op": name, "args": map (optional)}
+        name = args.get("op")
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN:
+            raise ProtocolError("device needs args {'op': name}")
+        if type(args.get("args", {})) is not dict:
+            raise ProtocolError("device op args must be a map")
     return Control(seq, op, args)
 
 

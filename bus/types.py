@@ -32,7 +32,7 @@ class MsgType(IntEnum):
 
 
 CONTROL_OPS = frozenset({"quiesce", "resume", "save", "restore", "reset", "stats", "shutdown",
-                         "dirty_sync"})
+                         "dirty_sync", "device"})
 ACCESS_SIZES = frozenset({1, 2, 4, 8})
 
 

@@ -67,5 +67,11 @@ class DeviceModel:
     def stats(self) -> dict:
         return {}
 
+    def device_control(self, op: str, args: dict):
+        """CONTROL "device" {"op": op, "args": args}: a device-specific op from
+        vmmd (e.g. the balloon's "set"); the result goes back in the reply.
+        ValueError (the reply's error text) for an op the device does not know."""
+        raise ValueError(f"{self.KIND}: no device op {op!r}")
+
     def close(self) -> None:
         pass

@@ -128,6 +128,8 @@ class Machine:
                 continue
             elif slot.device == "virtio-blk":
                 specs.append(self._virtio_blk_spec(slot))
+            elif slot.device == "virtio-balloon":
+                specs.append(self._virtio_balloon_spec(slot))
             elif slot.device == "virtio-net":
                 specs.append(self._virtio_net_spec(slot))
             else:
@@ -147,6 +149,52 @@ class Machine:
                      "pci": {"vectors": queues + 1, "queues": queues, "intx_pin": 1}},
             allowed_gsis=frozenset({gsi}), needs_memory=True,
             pci=PciExpect(vectors=queues + 1, queues=queues, intx=True))
+
+    def _virtio_net_spec(self, slot) -> DeviceSpec:
+        """`-s N,virtio-net,tap=NAME|socket=PATH[,mac=..][,...]`: the device parses its
+        options; vmmd opens the backend (_open_net_backend) in its own network namespace."""
+        import os
+        where = f"-s {slot.slot}:{slot.function},virtio-net"
+        backends = [a.split("=", 1) for a in slot.args if a.split("=", 1)[0] in ("tap", "socket")]
+        if len(backends) != 1 or not backends[0][1:] or not backends[0][1]:
+            raise SystemExit(f"vmmd: error: {where}: needs exactly one of tap=NAME or socket=PATH")
+        macs = [a.split("=", 1)[1] for a in slot.args if a.startswith("mac=")]
+        mac = macs[-1] if macs else "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+        gsi = intx_gsi(slot.slot, 1)  # INTA
+        suffix = f"-{slot.function}" if slot.function else ""
+        queues = 3  # receiveq1, transmitq1, controlq
+        return DeviceSpec(
+            id=f"virtio-net{slot.slot}{suffix}", kind="virtio_net", slot=slot.slot, function=slot.function,
+            options={"args": list(slot.args), "mac": mac, "backend": backends[0],
+                     "intx_gsi": gsi, "bus_mode": self.cfg.bus_mode},
+            allowed_gsis=frozenset({gsi}), needs_memory=True,
+            pci=PciExpect(vectors=queues + 1, queues=queues, intx=True))
+
+    @staticmethod
+    def _open_net_backend(spec: DeviceSpec) -> dict:
+        """The tap (needs CAP_NET_ADMIN) or switch socket, opened in vmmd's network
+        namespace and handed to every incarnation as bootstrap fd "tap"/"socket"."""
+        from devices.virtio_net.backend import open_host_fds
+        try:
+            return open_host_fds(spec.options["backend"])
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"vmmd: error: {spec.id}: cannot open {'='.join(spec.options['backend'])}: {exc}")
+
+    def _virtio_balloon_spec(self, slot) -> DeviceSpec:
+        gsi = intx_gsi(slot.slot, 1)  # INTA
+        suffix = f"-{slot.function}" if slot.function else ""
+        queues = 4  # inflate, deflate, stats, reporting (devices/virtio_balloon/model.py)
+        return DeviceSpec(
+            id=f"virtio-balloon{slot.slot}{suffix}", kind="virtio_balloon", slot=slot.slot,
+            function=slot.function,
+            options={"args": list(slot.args), "intx_gsi": gsi, "bus_mode": self.cfg.bus_mode},
+            allowed_gsis=frozenset({gsi}), needs_memory=True,
+            pci=PciExpect(vectors=queues + 1, queues=queues, intx=True))
+
+    def balloon_device(self):
+        """The virtio-balloon's ManagedDevice (JSON-RPC balloon.*), or None."""
+        devices = self.supervisor.devices.values() if self.supervisor else ()
+        return next((d for d in devices if d.spec.kind == "virtio_balloon"), None)
 
     def _virtio_net_spec(self, slot) -> DeviceSpec:
         """`-s N,virtio-net,tap=NAME|socket=PATH[,mac=..][,...]`: the device parses its

@@ -145,6 +145,11 @@ BAD_FROM_VMM = {
     "control op bytes": raw(6, 1, b"stats", {}),
     "restore without state": raw(6, 1, "restore", {}),
     "restore state not map": raw(6, 1, "restore", {"state": [1]}),
+    "device without op": raw(6, 1, "device", {}),
+    "device op not str": raw(6, 1, "device", {"op": 1}),
+    "device op empty": raw(6, 1, "device", {"op": ""}),
+    "device op too long": raw(6, 1, "device", {"op": "x" * 65}),
+    "device op args not map": raw(6, 1, "device", {"op": "set", "args": [1]}),
     "welcome accepted int": raw(2, 1, "d", 1, ""),
     "welcome empty id": raw(2, 1, "", True, ""),
 }
@@ -325,3 +330,9 @@ def test_vector_event():
 
 def test_dirty_sync_is_a_control_op():
     assert p.decode_from_vmm(p.encode(p.Control(1, "dirty_sync", {}))).op == "dirty_sync"
+
+
+def test_device_control_op():
+    msg = p.decode_from_vmm(p.encode(p.Control(7, "device", {"op": "set", "args": {"num_pages": 256}})))
+    assert (msg.op, msg.args) == ("device", {"op": "set", "args": {"num_pages": 256}})
+    assert p.decode_from_vmm(p.encode(p.Control(8, "device", {"op": "info"}))).args == {"op": "info"}

@@ -202,15 +202,15 @@ def test_command_line_entry_point_exit_codes(api, sock_path):
 
 
 def test_nested_commands_are_one_entry(monkeypatch, api, capsys):
-    """How balloon set/info will be added: entries with a space in the name."""
+    """Nested subcommands (like balloon set/info): entries with a space in the name."""
     path, _ = api
     monkeypatch.setattr(ctl, "COMMANDS", ctl.COMMANDS + [
-        ctl.Command("balloon set", "set the balloon target", "vm.info",
+        ctl.Command("demo set", "set the demo target", "vm.info",
                     args=(ctl.Arg("mib", "target in MiB", int),), params=lambda a: None),
-        ctl.Command("balloon info", "show the balloon", "vmm.version"),
+        ctl.Command("demo info", "show the demo", "vmm.version"),
     ])
-    code, out, _ = vmmctl(capsys, "--api-socket", path, "balloon", "info")
+    code, out, _ = vmmctl(capsys, "--api-socket", path, "demo", "info")
     assert code == 0 and json.loads(out)["version"] == vmmd.__version__
-    assert vmmctl(capsys, "--api-socket", path, "balloon", "set", "128")[0] == 0
-    assert vmmctl(capsys, "--api-socket", path, "balloon", "set", "lots")[0] == 2
-    assert vmmctl(capsys, "--api-socket", path, "balloon")[0] == 2
+    assert vmmctl(capsys, "--api-socket", path, "demo", "set", "128")[0] == 0
+    assert vmmctl(capsys, "--api-socket", path, "demo", "set", "lots")[0] == 2
+    assert vmmctl(capsys, "--api-socket", path, "demo")[0] == 2

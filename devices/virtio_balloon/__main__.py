@@ -1,0 +1,3 @@
+from devices.runtime import main
+
+main("virtio_balloon")
