@@ -196,36 +196,6 @@ class Machine:
         devices = self.supervisor.devices.values() if self.supervisor else ()
         return next((d for d in devices if d.spec.kind == "virtio_balloon"), None)
 
-    def _virtio_net_spec(self, slot) -> DeviceSpec:
-        """`-s N,virtio-net,tap=NAME|socket=PATH[,mac=..][,...]`: the device parses its
-        options; vmmd opens the backend (_open_net_backend) in its own network namespace."""
-        import os
-        where = f"-s {slot.slot}:{slot.function},virtio-net"
-        backends = [a.split("=", 1) for a in slot.args if a.split("=", 1)[0] in ("tap", "socket")]
-        if len(backends) != 1 or not backends[0][1:] or not backends[0][1]:
-            raise SystemExit(f"vmmd: error: {where}: needs exactly one of tap=NAME or socket=PATH")
-        macs = [a.split("=", 1)[1] for a in slot.args if a.startswith("mac=")]
-        mac = macs[-1] if macs else "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
-        gsi = intx_gsi(slot.slot, 1)  # INTA
-        suffix = f"-{slot.function}" if slot.function else ""
-        queues = 3  # receiveq1, transmitq1, controlq
-        return DeviceSpec(
-            id=f"virtio-net{slot.slot}{suffix}", kind="virtio_net", slot=slot.slot, function=slot.function,
-            options={"args": list(slot.args), "mac": mac, "backend": backends[0],
-                     "intx_gsi": gsi, "bus_mode": self.cfg.bus_mode},
-            allowed_gsis=frozenset({gsi}), needs_memory=True,
-            pci=PciExpect(vectors=queues + 1, queues=queues, intx=True))
-
-    @staticmethod
-    def _open_net_backend(spec: DeviceSpec) -> dict:
-        """The tap (needs CAP_NET_ADMIN) or switch socket, opened in vmmd's network
-        namespace and handed to every incarnation as bootstrap fd "tap"/"socket"."""
-        from devices.virtio_net.backend import open_host_fds
-        try:
-            return open_host_fds(spec.options["backend"])
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"vmmd: error: {spec.id}: cannot open {'='.join(spec.options['backend'])}: {exc}")
-
     def _build_vm(self) -> None:
         """Create the KVM VM, load the guest, set every vCPU's initial state."""
         vm = self.kvm.create_vm()
