@@ -54,6 +54,7 @@ class FakeVm:
         self.msis: Counter = Counter()                    # (address, data) -> deliveries
         self.msi_log: list[tuple[int, int]] = []          # in delivery order (bounded)
         self.irqchip: Counter = Counter()                 # gsi -> irqfd deliveries via irqchip routes
+        self.asserted: set[int] = set()                   # level-triggered GSIs (irqfd with resample) held high
         self.irq_lines: list[tuple[int, int]] = []        # irq_line() calls
         self.history: list[tuple] = []                    # registrations, for assertions
         self.kicks = 0                                    # writes absorbed by an ioeventfd
@@ -166,15 +167,31 @@ class FakeVm:
             os.eventfd_read(fd)
         except BlockingIOError:
             return False
-        gsi, _ = self.irqfds[fd]
+        gsi, resample_fd = self.irqfds[fd]
         for route in self.routes.get(gsi, ()):
             if hasattr(route, "address"):
                 self._deliver_msi(route.address, route.data)
             else:
+                if resample_fd is not None:
+                    if gsi in self.asserted:
+                        break  # a level already high: no new edge for the guest
+                    self.asserted.add(gsi)
                 self.irqchip[gsi] += 1
                 self._cond.notify_all()
                 break  # one delivery per GSI even with PIC + IOAPIC routes
         return True
+
+    def eoi(self, gsi: int) -> None:
+        """The guest's EOI of a level-triggered GSI: KVM lowers the line and
+        signals the irqfd's resample fd, so the device re-asserts if it still
+        has a reason to."""
+        with self._lock:
+            if gsi not in self.asserted:
+                return
+            self.asserted.discard(gsi)
+            for _fd, (g, resample_fd) in self.irqfds.items():
+                if g == gsi and resample_fd is not None:
+                    os.eventfd_write(resample_fd, 1)
 
     def poll(self, timeout: float = 0.0) -> int:
         """Deliver whatever irqfds fired (waiting up to `timeout` seconds for one).

@@ -504,6 +504,42 @@ class TestVirtioBlk:
             assert d.read(sector, 16) == data
         assert dev.generation == gen + 1
 
+    def test_intx_fallback_without_msix(self, harness, tmp_path):
+        # A driver that never enables MSI-X gets INTx: a level-triggered irqfd
+        # with resample on the slot's IOAPIC pin; ISR says why; EOI re-arms it.
+        from tests.harness.blk import VirtioBlk, blk_spec
+        from vmmd.pci.function import intx_gsi
+        pattern = bytes(random.Random(9).randbytes(DISK_SIZE))
+        path = _disk(tmp_path, fill=pattern)
+        harness.add_device(blk_spec(path, 2, [], bus_only=False))
+        d = VirtioBlk(harness, 2, probe=False)
+        d.drv.probe()
+        d.init(msix=False, event_idx=False)  # every completion interrupts: the test is about the line
+        gsi = intx_gsi(2, 1)
+        vm = harness.vm
+
+        def wait_line(count):
+            deadline = time.monotonic() + 10
+            while vm.irqchip[gsi] < count and time.monotonic() < deadline:
+                vm.poll(0.05)
+            return vm.irqchip[gsi] >= count
+
+        r = d.submit_read(8, 8)
+        assert wait_line(1), "no INTx assertion for a completed request"
+        assert d.drv.read_isr() & 1  # queue interrupt; reading ISR clears it
+        vm.eoi(gsi)
+        d.complete(r)
+        assert r.status == 0 and r.data == pattern[8 * SECTOR:16 * SECTOR]
+        # EOI while the device still has ISR set: resample makes it assert again.
+        r2 = d.submit_read(16, 8)
+        assert wait_line(2)
+        vm.eoi(gsi)  # ISR not read yet: the device re-asserts on resample
+        assert wait_line(3), "the device did not re-assert after an EOI with ISR still set"
+        assert d.drv.read_isr() & 1
+        vm.eoi(gsi)
+        d.complete(r2)
+        assert r2.data == pattern[16 * SECTOR:24 * SECTOR]
+
     def test_flushed_write_survives_a_device_crash(self, harness, tmp_path):
         # Acknowledged writes followed by a completed FLUSH are on the host's
         # file even if the device process dies right after (kill -9): FLUSH is
