@@ -149,6 +149,16 @@ def _show_discover(doc: dict) -> str:
     return _table(["METHOD", "SUMMARY"], [[m.get("name"), m.get("summary", "")] for m in methods])
 
 
+def _show_vcpus(vcpus: list[dict]) -> str:
+    def hx(v: Any) -> str:
+        return f"{v:#x}" if isinstance(v, int) else str(v)
+    rows = [[v.get("index"), hx(v.get("rip")), hx(v.get("rsp")), hx(v.get("rflags")), hx(v.get("cr3")),
+             hx(v.get("cs")), v.get("cpl"), v.get("mp_state"),
+             " ".join(f"{k}={n}" for k, n in {**v.get("exits", {}), **v.get("assists", {})}.items()) or "-"]
+            for v in vcpus]
+    return _table(["VCPU", "RIP", "RSP", "RFLAGS", "CR3", "CS", "CPL", "MP", "EXITS/ASSISTS"], rows)
+
+
 def _show_json(result: Any) -> str:
     return json.dumps(result, indent=2)
 
@@ -197,6 +207,8 @@ COMMANDS: list[Command] = [
     Command("device-restart", "restart one device process", "device.restart",
             args=(Arg("id", "device id (see 'devices')"),),
             params=lambda a: {"id": a.id}, show=_say("restarted")),
+    Command("debug-vcpus", "pause briefly and show every vCPU's registers", "debug.vcpus",
+            show=_show_vcpus),
     Command("version", "show vmmd's version", "vmm.version", show=_show_version),
     Command("discover", "list the API's methods (OpenRPC)", "rpc.discover", show=_show_discover),
     Command("balloon set", "set the balloon target (MiB taken from the guest)", "balloon.set",

@@ -406,3 +406,83 @@ class Machine:
 
 
 
+    # -- debugging (JSON-RPC debug.vcpus) ----------------------------------------
+    async def vcpu_states(self) -> list[dict]:
+        """Registers and exit counts of every vCPU, read with the vCPUs stopped.
+
+        A running VM is paused for the read and resumed at once (no
+        kvmclock_ctrl: the stop lasts milliseconds); a paused VM stays paused."""
+        async with self._transition:
+            if self.state not in ("running", "paused"):
+                raise VmStateError(f"cannot read the vCPUs of a VM that is {self.state}")
+            was_running = self.state == "running"
+            if was_running:
+                ok = await self.loop.run_in_executor(None, self.control.pause, 10.0)
+                if not ok:
+                    self.control.resume()
+                    raise VmStateError("vCPUs did not stop within 10 s")
+            try:
+                threads = {t.index: t for t in self.threads}
+                return [self._vcpu_state(v, threads.get(v.index)) for v in self.vcpus]
+            finally:
+                if was_running:
+                    self.control.resume()
+
+    @staticmethod
+    def _vcpu_state(vcpu, thread) -> dict:
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        gprs = {name: int(getattr(regs, name)) for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")}
+        return {
+            "index": vcpu.index,
+            "rip": int(regs.rip),
+            "rsp": int(regs.rsp),
+            "rflags": int(regs.rflags),
+            "cr0": int(sregs.cr0),
+            "cr3": int(sregs.cr3),
+            "cr4": int(sregs.cr4),
+            "efer": int(sregs.efer),
+            "cs": int(sregs.cs.selector),
+            "cpl": int(sregs.cs.dpl),
+            "mp_state": int(vcpu.get_mp_state()),
+            "gprs": gprs,
+            "exits": dict(thread.stats.exits) if thread else {},
+            "assists": dict(thread.stats.assists) if thread else {},
+            "kvm_stats": _kvm_vcpu_stats(vcpu),
+        }
+
+
+KVM_GET_STATS_FD = 0xAE00 | 0xCE  # _IO(KVMIO, 0xce)
+
+
+def _kvm_vcpu_stats(vcpu) -> dict[str, int]:
+    """KVM's own per-vCPU counters (binary stats, KVM_GET_STATS_FD): exits,
+    irq_injections, insn_emulation, halt_exits, ... Scalar counters only;
+    {} where the kernel lacks the interface."""
+    import fcntl
+    import os
+    import struct
+    try:
+        fd = fcntl.ioctl(vcpu.fileno(), KVM_GET_STATS_FD, 0)
+    except OSError:
+        return {}
+    try:
+        data = os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+    try:
+        _flags, name_size, ndesc, _id_off, desc_off, data_off = struct.unpack_from("<6I", data)
+        stats = {}
+        step = 16 + name_size
+        for i in range(ndesc):
+            base = desc_off + i * step
+            _fl, _exp, size, off, _bucket = struct.unpack_from("<IhHII", data, base)
+            if size != 1:
+                continue  # histograms
+            name = data[base + 16:base + step].split(b"\0", 1)[0].decode("ascii", "replace")
+            stats[name] = struct.unpack_from("<Q", data, data_off + off)[0]
+        return stats
+    except struct.error:
+        return {}

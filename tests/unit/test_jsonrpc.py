@@ -306,7 +306,7 @@ def test_discover_lists_every_method_with_schemas():
     assert doc["info"] == {"title": "vmmd control API", "version": vmmd.__version__}
     methods = {m["name"]: m for m in doc["methods"]}
     expected = {"vm.info", "vm.pause", "vm.resume", "vm.reset", "vm.shutdown", "device.list",
-                "device.restart", "device.stats", "device.set_link", "vmm.version", "rpc.discover", "test.boom", "test.echo",
+                "device.restart", "device.stats", "device.set_link", "debug.vcpus", "vmm.version", "rpc.discover", "test.boom", "test.echo",
                 "test.unserializable", "balloon.set", "balloon.info"}
     assert set(methods) == expected
     for m in methods.values():

@@ -74,6 +74,11 @@ class VmControl(Protocol):
         or not a NIC."""
         ...
 
+    async def vcpu_states(self) -> list[dict]:
+        """Each vCPU's registers and exit counts (VCPU_STATE_SCHEMA), read with
+        the vCPUs briefly paused; VmStateError unless running or paused."""
+        ...
+
 
 # ---------------------------------------------------------------------------
 # Schemas (result schemas are documentation; params schemas are enforced)
@@ -115,6 +120,32 @@ VERSION_SCHEMA = {
 }
 
 
+_U64 = {"type": "integer", "minimum": 0}
+
+VCPU_STATE_SCHEMA = {
+    "type": "object",
+    "description": "One vCPU as KVM_GET_REGS/KVM_GET_SREGS/KVM_GET_MP_STATE see it "
+                   "(register values are unsigned integers)",
+    "properties": {
+        "index": {"type": "integer", "minimum": 0},
+        "rip": _U64, "rsp": _U64, "rflags": _U64,
+        "cr0": _U64, "cr3": _U64, "cr4": _U64, "efer": _U64,
+        "cs": {"type": "integer", "minimum": 0, "description": "CS selector"},
+        "cpl": {"type": "integer", "minimum": 0, "maximum": 3, "description": "CS.DPL"},
+        "mp_state": {"type": "integer", "minimum": 0,
+                     "description": "KVM_MP_STATE_*: 0 runnable, 1 uninitialized, 3 halted, ..."},
+        "gprs": {"type": "object", "description": "rax..r15 by name"},
+        "exits": {"type": "object", "description": "exits counted by the vCPU thread: name -> count"},
+        "assists": {"type": "object", "description": "assists that fired on this vCPU: name -> count"},
+        "kvm_stats": {"type": "object",
+                      "description": "KVM's per-vCPU counters (KVM_GET_STATS_FD): exits, irq_injections, "
+                                     "insn_emulation, halt_exits, ...; {} if unavailable"},
+    },
+    "required": ["index", "rip", "rsp", "rflags", "cr0", "cr3", "cr4", "efer", "cs", "cpl",
+                 "mp_state", "gprs", "exits", "assists", "kvm_stats"],
+}
+
+
 def build_registry(control: VmControl) -> Registry:
     registry = Registry()
 
@@ -141,6 +172,11 @@ def build_registry(control: VmControl) -> Registry:
                   "properties": {"id": {"type": "string", "minLength": 1, "description": "device id"}},
                   "required": ["id"], "additionalProperties": False},
                  NULL_RESULT, "Restart one device process")
+    async def vcpu_states(params: dict) -> list[dict]:
+        return await control.vcpu_states()
+
+    registry.add("debug.vcpus", vcpu_states, None, {"type": "array", "items": VCPU_STATE_SCHEMA},
+                 "Pause the vCPUs briefly and return their registers and exit counts")
     async def device_stats(params: dict) -> dict:
         return await control.device_stats(params["id"])
 
