@@ -197,6 +197,12 @@ def _json_params(text: str | None) -> dict | list | None:
     return value
 
 
+def _link_state(text: str) -> bool:
+    if text not in ("up", "down"):
+        raise argparse.ArgumentTypeError(f"must be 'up' or 'down', not {text!r}")
+    return text == "up"
+
+
 COMMANDS: list[Command] = [
     Command("info", "show the VM's state", "vm.info", show=_show_info),
     Command("pause", "pause all vCPUs", "vm.pause", show=_say("paused")),
@@ -207,6 +213,13 @@ COMMANDS: list[Command] = [
     Command("device-restart", "restart one device process", "device.restart",
             args=(Arg("id", "device id (see 'devices')"),),
             params=lambda a: {"id": a.id}, show=_say("restarted")),
+    Command("device-stats", "show one device's counters", "device.stats",
+            args=(Arg("id", "device id (see 'devices')"),),
+            params=lambda a: {"id": a.id}, show=_show_json),
+    Command("device-link", "set a network device's link up or down", "device.set_link",
+            args=(Arg("id", "device id (see 'devices')"), Arg("state", "up or down", _link_state)),
+            params=lambda a: {"id": a.id, "up": a.state},
+            show=lambda r: f"link {'up' if r.get('up') else 'down'} (was {'up' if r.get('was_up') else 'down'})"),
     Command("debug-vcpus", "pause briefly and show every vCPU's registers", "debug.vcpus",
             show=_show_vcpus),
     Command("version", "show vmmd's version", "vmm.version", show=_show_version),

@@ -40,6 +40,17 @@ class FakeVm:
     def devices(self):
         return [{"id": "lpc0", "type": "lpc", "pid": 42, "state": "running", "restarts": 0, "sandbox": "on"}]
 
+    async def device_stats(self, device_id):
+        if device_id != "net0":
+            raise NoSuchDevice(f"no device {device_id!r}")
+        return {"net": {"rx_packets": 3, "tx_packets": 4}}
+
+    async def set_link(self, device_id, up):
+        if device_id != "net0":
+            raise NoSuchDevice(f"no device {device_id!r}")
+        was, self.link_up = getattr(self, "link_up", True), up
+        return {"was_up": was, "up": up}
+
     async def restart_device(self, device_id):
         if device_id != "lpc0":
             raise NoSuchDevice(f"no device {device_id!r}")

@@ -125,6 +125,18 @@ def test_device_restart(api, capsys):
     assert code == 1 and err.startswith("error -32001: ")
 
 
+def test_device_stats_and_link(api, capsys):
+    path, vm = api
+    code, out, _ = vmmctl(capsys, "--api-socket", path, "device-stats", "net0")
+    assert code == 0 and json.loads(out)["net"]["tx_packets"] == 4
+    code, out, _ = vmmctl(capsys, "--api-socket", path, "device-link", "net0", "down")
+    assert code == 0 and out.strip() == "link down (was up)" and vm.link_up is False
+    code, _, err = vmmctl(capsys, "--api-socket", path, "device-link", "net0", "sideways")
+    assert code == 2 and "up' or 'down" in err
+    code, _, err = vmmctl(capsys, "--api-socket", path, "device-stats", "nope")
+    assert code == 1 and err.startswith("error -32001: ")
+
+
 def test_discover_lists_methods(api, capsys):
     path, _ = api
     code, out, _ = vmmctl(capsys, "--api-socket", path, "discover")
