@@ -10,6 +10,9 @@ command -v as >/dev/null || need_apt+=(binutils)
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
 command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
+command -v cpio >/dev/null || need_apt+=(cpio)      # cross-checks the initramfs writer
+command -v fio >/dev/null || need_apt+=(fio)        # host baseline of bench/virtio_blk.py
+command -v ip >/dev/null || need_apt+=(iproute2)    # network namespaces for the virtio-net tests
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "bootstrap: installing ${need_apt[*]}" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
