@@ -41,10 +41,7 @@ PVM_KERNEL_OPTIONS = (
     "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init "
     # No retpolines, return thunks (SRSO "safe RET") or RSB stuffing in
     # emulated code; no zeroing of every heap allocation.
-    "mitigations=off init_on_alloc=0 "
-    # The low-resolution tick path instead of hrtimer_interrupt, which
-    # thrashed ("hrtimer: interrupt took 12461845 ns").
-    "highres=off"
+    "mitigations=off init_on_alloc=0"
 )
 
 
