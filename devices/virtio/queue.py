@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Callable, Iterator
 
 from vmmd.guest_memory import GuestMemoryError
 
@@ -346,6 +347,29 @@ class SplitQueue:
             self._set_used_flags(0)
         memory_barrier()
         return self.pending()
+
+    def drain(self, on_bad_chain: Callable[[ChainError], None]) -> Iterator[DescriptorChain]:
+        """Every available chain, until the ring is empty with notifications
+        re-enabled (the race-free loop every device needs).
+
+        A malformed chain is completed with 0 bytes written and reported to
+        `on_bad_chain`; the caller completes each chain it is given. A broken
+        ring raises QueueError (the device sets NEEDS_RESET).
+        """
+        while True:
+            self.disable_notification()
+            while True:
+                try:
+                    chain = self.pop()
+                except ChainError as exc:
+                    on_bad_chain(exc)
+                    self.push_used(exc.head, 0)
+                    continue
+                if chain is None:
+                    break
+                yield chain
+            if not self.enable_notification():
+                return
 
     def disable_notification(self) -> None:
         """Hint that kicks are not needed (non-event-idx: VIRTQ_USED_F_NO_NOTIFY)."""

@@ -233,23 +233,14 @@ class VirtioBalloonDevice(VirtioDevice):
         finally:
             self.notify_used(q)
 
+    def _bad_chain(self, exc: ChainError) -> None:
+        self.bcounters["bad_chains"] += 1
+
     def _drain(self, q: int, queue, handle, limit: int) -> None:
-        while True:
-            queue.disable_notification()
-            while True:
-                try:
-                    chain = queue.pop()
-                except ChainError as exc:
-                    self.bcounters["bad_chains"] += 1
-                    queue.push_used(exc.head, 0)
-                    continue
-                if chain is None:
-                    break
-                if chain.readable_len:
-                    handle(chain.read_all(self.memory, limit))
-                queue.push_used(chain.head, 0)
-            if not queue.enable_notification():
-                return
+        for chain in queue.drain(self._bad_chain):
+            if chain.readable_len:
+                handle(chain.read_all(self.memory, limit))
+            queue.push_used(chain.head, 0)
 
     def _inflate(self, data: bytes) -> None:
         for offset, length in self.core.inflate(data):
@@ -262,57 +253,34 @@ class VirtioBalloonDevice(VirtioDevice):
             self.bcounters["unrequested_deflates"] += 1   # DEFLATE_ON_OOM (or a leaving driver)
 
     def _drain_reports(self, q: int, queue) -> None:
-        while True:
-            queue.disable_notification()
-            while True:
-                try:
-                    chain = queue.pop()
-                except ChainError as exc:
-                    self.bcounters["bad_chains"] += 1
-                    queue.push_used(exc.head, 0)
+        for chain in queue.drain(self._bad_chain):
+            poisoned = self.poison_val != 0 and self.has_feature(F_PAGE_POISON)
+            for gpa, n in (*chain.readable, *chain.writable):
+                r = self.core.report(gpa, n)
+                if r is None:
                     continue
-                if chain is None:
-                    break
-                poisoned = self.poison_val != 0 and self.has_feature(F_PAGE_POISON)
-                for gpa, n in (*chain.readable, *chain.writable):
-                    r = self.core.report(gpa, n)
-                    if r is None:
-                        continue
-                    if poisoned:
-                        self.bcounters["reports_skipped_poison"] += 1
-                    elif self.reclaimer.punch(*r):
-                        self.core.counters["punched_bytes"] += r[1]
-                queue.push_used(chain.head, 0)
-            if not queue.enable_notification():
-                return
+                if poisoned:
+                    self.bcounters["reports_skipped_poison"] += 1
+                elif self.reclaimer.punch(*r):
+                    self.core.counters["punched_bytes"] += r[1]
+            queue.push_used(chain.head, 0)
 
     # --- stats ---------------------------------------------------------------------------
 
     def _stats_arrived(self, q: int, queue) -> None:
         got = False
-        while True:
-            queue.disable_notification()
-            while True:
-                try:
-                    chain = queue.pop()
-                except ChainError as exc:
-                    self.bcounters["bad_chains"] += 1
-                    queue.push_used(exc.head, 0)
-                    continue
-                if chain is None:
-                    break
-                if self.stats_head is not None:   # a second buffer: give the older one back
-                    queue.push_used(self.stats_head, 0)
-                self.stats_head = chain.head
-                got = True
-                stats, unknown, trailing = parse_stats(chain.read_all(self.memory, MAX_STATS_BYTES))
-                self.bcounters["stats_unknown_tags"] += unknown
-                self.bcounters["stats_trailing_bytes"] += trailing
-                self.last_stats = stats
-                self.last_stats_at = time.monotonic()
-                self.bcounters["stats_updates"] += 1
-            if not queue.enable_notification():
-                break
+        # The device keeps the newest stats buffer (it returns it to ask for fresh stats).
+        for chain in queue.drain(self._bad_chain):
+            if self.stats_head is not None:   # a second buffer: give the older one back
+                queue.push_used(self.stats_head, 0)
+            self.stats_head = chain.head
+            got = True
+            stats, unknown, trailing = parse_stats(chain.read_all(self.memory, MAX_STATS_BYTES))
+            self.bcounters["stats_unknown_tags"] += unknown
+            self.bcounters["stats_trailing_bytes"] += trailing
+            self.last_stats = stats
+            self.last_stats_at = time.monotonic()
+            self.bcounters["stats_updates"] += 1
         if got:
             self.host.checkpoint()   # stats_head is part of the state
 

@@ -208,23 +208,17 @@ class BlkCore:
         """Drain queue q; returns the number of used elements pushed."""
         pushed = 0
         handle = self.handle
-        while True:
-            queue.disable_notification()
-            while True:
-                try:
-                    chain = queue.pop()
-                except ChainError as exc:
-                    self.stats[q]["bad_chains"] += 1
-                    self._fault(f"queue {q}: {exc}", None)
-                    queue.push_used(exc.head, 0)
-                    pushed += 1
-                    continue
-                if chain is None:
-                    break
-                queue.push_used(chain.head, handle(q, chain))
-                pushed += 1
-            if not queue.enable_notification():
-                return pushed
+
+        def bad_chain(exc: ChainError) -> None:
+            nonlocal pushed
+            self.stats[q]["bad_chains"] += 1
+            self._fault(f"queue {q}: {exc}", None)
+            pushed += 1
+
+        for chain in queue.drain(bad_chain):
+            queue.push_used(chain.head, handle(q, chain))
+            pushed += 1
+        return pushed
 
     def handle(self, q: int, chain) -> int:
         """Serve one request; returns the bytes written into the chain."""

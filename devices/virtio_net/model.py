@@ -526,47 +526,39 @@ class VirtioNetDevice(VirtioDevice):
     def _process_ctrl(self, queue) -> None:
         mem = self.memory
         pushed = 0
+        def bad_chain(exc: ChainError) -> None:
+            nonlocal pushed
+            self.net["bad_chains"] += 1
+            self.net["ctrl_err"] += 1   # completed with no ack: no ack byte can be trusted
+            pushed += 1
+
         try:
-            while True:
-                queue.disable_notification()
-                while True:
-                    try:
-                        chain = queue.pop()
-                    except ChainError as exc:
-                        self.net["bad_chains"] += 1
-                        self.net["ctrl_err"] += 1
-                        queue.push_used(exc.head, 0)   # no ack byte can be trusted
-                        pushed += 1
-                        continue
-                    if chain is None:
-                        break
-                    pushed += 1
-                    if chain.writable_len < 1 or chain.readable_len > fr.MAX_CTRL_DATA:
-                        self.net["ctrl_err"] += 1
-                        queue.push_used(chain.head, 0)
-                        continue
-                    cmd = chain.read_all(mem)
-                    res = fr.handle_ctrl(cmd, self.rx_filter, self.features,
-                                         offloadable=self.features & GUEST_OFFLOADS)
-                    if res.ack == fr.OK:
-                        if res.mac is not None:
-                            self.mac = res.mac
-                        if res.offloads is not None:
-                            try:
-                                self._set_guest_offloads(res.offloads)
-                            except OSError as exc:
-                                res = fr.CtrlResult(fr.ERR, f"TUNSETOFFLOAD: {exc}")
-                    if res.ack == fr.OK:
-                        self.net["ctrl_ok"] += 1
-                    else:
-                        self.net["ctrl_err"] += 1
-                        log.debug("ctrl: %s", res.reason)
-                    # the ack is the last writable byte
-                    chain.write_at(mem, chain.writable_len - 1, bytes([res.ack]))
-                    queue.push_used(chain.head, 1)
-                    self.host.checkpoint()
-                if not queue.enable_notification():
-                    return
+            for chain in queue.drain(bad_chain):
+                pushed += 1
+                if chain.writable_len < 1 or chain.readable_len > fr.MAX_CTRL_DATA:
+                    self.net["ctrl_err"] += 1
+                    queue.push_used(chain.head, 0)
+                    continue
+                cmd = chain.read_all(mem)
+                res = fr.handle_ctrl(cmd, self.rx_filter, self.features,
+                                     offloadable=self.features & GUEST_OFFLOADS)
+                if res.ack == fr.OK:
+                    if res.mac is not None:
+                        self.mac = res.mac
+                    if res.offloads is not None:
+                        try:
+                            self._set_guest_offloads(res.offloads)
+                        except OSError as exc:
+                            res = fr.CtrlResult(fr.ERR, f"TUNSETOFFLOAD: {exc}")
+                if res.ack == fr.OK:
+                    self.net["ctrl_ok"] += 1
+                else:
+                    self.net["ctrl_err"] += 1
+                    log.debug("ctrl: %s", res.reason)
+                # the ack is the last writable byte
+                chain.write_at(mem, chain.writable_len - 1, bytes([res.ack]))
+                queue.push_used(chain.head, 1)
+                self.host.checkpoint()
         finally:
             if pushed:
                 self.notify_used(CTRLQ)
