@@ -63,7 +63,13 @@ def test_pause_and_resume_a_running_guest(tmp_path, test_guests):
         assert vm.rpc("vm.info")["state"] == "paused"
         frozen = vm.output()
         time.sleep(1.0)
-        assert vm.output() == frozen, "the guest kept printing while paused"
+        later = vm.output()
+        # A byte the guest wrote just before the pause (a posted write) may
+        # still drain to the console; the guest itself runs no further, so no
+        # new line begins (each byte waits on a synchronous LSR read first).
+        assert later.startswith(frozen)
+        assert len(later) - len(frozen) <= 1 and "P" not in later[len(frozen):], \
+            "the guest kept printing while paused"
         with pytest.raises(RpcError) as err:
             vm.rpc("vm.pause")
         assert err.value.code == -32000
