@@ -354,8 +354,11 @@ class DeviceChannel:
             log.error("cannot send %s: %s", type(msg).__name__, exc)
             return False
         try:
-            # A plain non-blocking send: no future to create and resolve.
-            zmq.Socket.send(sock, frame, flags=zmq.DONTWAIT, copy=False)
+            # A plain non-blocking send: no future to create and resolve. Always
+            # copying: pyzmq sends large zero-copy frames through a garbage
+            # collector thread it starts lazily, and a thread started inside
+            # the jail dies on seccomp (sched_setscheduler from libzmq).
+            zmq.Socket.send(sock, frame, flags=zmq.DONTWAIT, copy=True)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:   # socket closed

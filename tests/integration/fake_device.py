@@ -70,12 +70,16 @@ class FakeDevice(DeviceModel):
         self.reg = 0
 
     def save_state(self):
-        return {"reg": self.reg}
+        state = {"reg": self.reg}
+        if getattr(self, "blob", None):
+            state["blob"] = self.blob
+        return state
 
     def restore_state(self, state):
         if type(state.get("reg")) is not int:
             raise ValueError("state has no int 'reg'")
         self.reg = state["reg"]
+        self.blob = state.get("blob")  # lets tests make large checkpoints
 
     def stats(self):
         return {"reg": self.reg}

@@ -242,3 +242,42 @@ def test_bad_guest_memory_exits_2():
            "sandbox": "off", "mem_fd": 99, "layout": [[0, 4096, 0]]}
     res = _run_launcher(["--bootstrap", json.dumps(doc)])
     assert res.returncode == 2 and "guest memory" in res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, seccomp jail)")
+def test_a_large_checkpoint_from_inside_the_jail_does_not_kill_the_device(ctx, rundir):
+    # A frame over 64 KiB sent zero-copy makes pyzmq start a helper thread;
+    # started inside the jail, libzmq's thread setup dies on seccomp. The
+    # device must send such frames by copy and survive.
+    from sandbox.seccomp_policy import base_policy
+    launch = ("from devices.runtime import main; from sandbox.seccomp_policy import base_policy; "
+              "main('fake', model_module='tests.integration.fake_device', policy=base_policy())")
+    chan = VmmChannel(ctx, rundir, "fake0", 1)
+    doc = {"id": "fake0", "kind": "fake", "req": chan.req_endpoint, "evt": chan.evt_endpoint,
+           "sandbox": "on", "options": {}, "restore": None, "mem_fd": None, "layout": None, "fds": {}}
+    errf = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-c", launch, "--bootstrap", json.dumps(doc)], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf)
+    try:
+        line = proc.stdout.readline().decode()
+        assert line.startswith("PID "), line
+        pid = int(line.split()[1])
+        pidfd = os.pidfd_open(pid)
+        chan.handshake(T, pidfd)
+        blob = bytes(range(256)) * 1024  # 256 KiB
+        chan.control("restore", {"state": {"reg": 7, "blob": blob}}, T, pidfd)
+        poller = zmq.Poller()
+        poller.register(chan.evt_socket, zmq.POLLIN)
+        assert poller.poll(T * 1000), "no checkpoint event"
+        msg = chan.decode_event(chan.evt_socket.recv())
+        assert msg.state["blob"] == blob
+        assert chan.read(PIO, BASE, 1, T, pidfd) == 7  # still alive and serving
+        assert chan.control("save", {}, T, pidfd)["blob"] == blob
+        chan.control("shutdown", {}, T, pidfd)
+    finally:
+        try:
+            os.kill(pid, 9)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+        proc.wait(10)
+        chan.close()
