@@ -6,6 +6,13 @@ a status pipe and exits, so vmmd adopts the device and watches it through a
 pidfd. An exit is noticed at once (the pidfd becomes readable in the event
 loop); the device is restarted with exponential backoff against crash loops,
 and its last register checkpoint is restored into the new process.
+
+Spawning (sandbox on/log): each incarnation gets a cgroup with memory and
+pids limits (sandbox.cgroups; the launcher joins it through an fd before it
+unshares its cgroup namespace) and the unprivileged host ids it drops to
+(sandbox.namespaces). Its stdout and stderr are a pipe vmmd reads
+(vmmd.device_log): attributed, cleaned, rate-limited; a device never holds
+vmmd's own stderr (a stdio console keeps vmmd's stdout as its console).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import json
 import logging
 import os
 import signal
+import importlib
 import subprocess
 import sys
+import threading
 import time
 
 import zmq
@@ -25,6 +34,8 @@ import zmq
 from bus import endpoint as bus_endpoint
 from bus import protocol
 from bus.pci_info import PciInfoError, parse_pci_info
+from sandbox.cgroups import DEFAULT_LIMITS, CgroupLimits, CgroupManager
+from vmmd.device_log import DeviceLogLimiter, PipeReader
 from vmmd.devlink import DeviceSpec, Incarnation, ManagedDevice, close_incarnation
 from vmmd.pci import fastpath
 from vmmd.pci.function import intx_gsi
@@ -50,7 +61,8 @@ class SpawnError(RuntimeError):
 class Supervisor:
     def __init__(self, *, loop: asyncio.AbstractEventLoop, rundir: str, memory,
                  iospace, irq_line, on_request, sandbox: str, timeout: float,
-                 pci=None, fast_path: bool = True):
+                 pci=None, fast_path: bool = True, cgroup_limits: dict[str, CgroupLimits] | None = None,
+                 device_ids: tuple[int, int] | None = None):
         self.loop = loop
         self.rundir = rundir
         self.memory = memory
@@ -66,6 +78,7 @@ class Supervisor:
         self.msi = None  # callable(address, data), set once MSI routing exists
         self.pci = pci  # vmmd.pci.bus.PciBus: where PCI functions are registered
         self.fast_path = fast_path  # False: --bus-mode bus-only (no irqfds/ioeventfds)
+        self._jail = _JailSetup(sandbox, cgroup_limits or {}, device_ids)
 
     # -- spawning ----------------------------------------------------------------
     def add(self, spec: DeviceSpec) -> ManagedDevice:
@@ -157,23 +170,33 @@ class Supervisor:
         if dev.dirty_log is not None:
             boot["fds"]["dirty_log"] = dev.dirty_log.fd
             pass_fds.append(dev.dirty_log.fd)
+        jail = self._jail.prepare(spec, gen, self.memory.size if spec.needs_memory and self.memory else 0)
+        boot.update(jail.bootstrap)
+        pass_fds.extend(jail.pass_fds)
         cmd = self.command(spec, boot)
         try:
             proc = subprocess.Popen(
                 cmd, pass_fds=pass_fds,
                 stdin=None if spec.stdio else subprocess.DEVNULL,
-                stdout=None if spec.stdio else sys.stderr.fileno(),
+                stdout=None if spec.stdio else jail.log_w,
+                stderr=jail.log_w,
                 close_fds=True)
         except OSError as exc:
             for fd in (status_r, status_w, life_r, life_w):
                 os.close(fd)
+            jail.spawned()
+            jail.release()
             channel.close()
             raise SpawnError(f"cannot start device {spec.id}: {exc}") from exc
         os.close(status_w)
         os.close(life_r)
+        jail.spawned()  # our copies of what only the launcher needs
 
         try:
             pid = self._read_pid(status_r, proc)
+        except SpawnError:
+            jail.release()
+            raise
         finally:
             os.close(status_r)
         if pid != proc.pid:
@@ -182,6 +205,7 @@ class Supervisor:
             proc.returncode = 0  # no launcher (sandbox off): we reap it via its pidfd
         pidfd = os.pidfd_open(pid)
         inc = Incarnation(gen, pid, pidfd, channel, lifeline=life_w)
+        self._jail.track(inc, jail)
         try:
             hello = channel.handshake(SPAWN_TIMEOUT, pidfd, validate=lambda h: self.validate_hello(dev, h))
         except Exception as exc:
@@ -231,6 +255,7 @@ class Supervisor:
         dev.generation = inc.generation
         dev.current = inc
         dev.state = "running"
+        self._jail.read_logs(self.loop, dev, inc)
         sock = inc.channel.evt_socket
         self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain_events, dev, inc)
         self.loop.add_reader(inc.pidfd, self._on_exit, dev, inc)
@@ -283,9 +308,9 @@ class Supervisor:
             self.on_request(dev, msg.what, msg.args)
         elif isinstance(msg, protocol.Log):
             level = msg.level if msg.level in (10, 20, 30, 40, 50) else logging.INFO
-            log.log(level, "[%s] %s", dev.spec.id, msg.text)
+            self._jail.limiter(dev.spec.id).emit(level, msg.text)
         elif isinstance(msg, protocol.Error):
-            log.error("[%s] error %d: %s", dev.spec.id, msg.code, msg.text)
+            self._jail.limiter(dev.spec.id).emit(logging.ERROR, f"error {msg.code}: {msg.text}")
         else:
             log.warning("device %s sent %s on its event channel", dev.spec.id, type(msg).__name__)
 
@@ -303,6 +328,7 @@ class Supervisor:
     def _on_exit(self, dev: ManagedDevice, inc: Incarnation) -> None:
         self._detach(inc)
         status = self._reap(inc.pid)
+        self._jail.release(inc)
         if dev.current is inc:
             dev.current = None
             dev.last_exit = status
@@ -391,6 +417,11 @@ class Supervisor:
         except ProcessLookupError:
             pass
         self._reap(inc.pid)
+        self._jail.release(inc)
+
+    def log_stats(self, device_id: str) -> dict:
+        """Lines relayed and dropped from a device's stdout/stderr and LOG events."""
+        return self._jail.limiter(device_id).stats()
 
     async def stop_all(self) -> None:
         self._stopping = True
@@ -414,3 +445,136 @@ class Supervisor:
         """Release what the devices kept across incarnations (after stop_all)."""
         for dev in self.devices.values():
             dev.close_fds()
+        self._jail.close()
+
+
+# -- the spawn's sandbox set-up: cgroups, ids, log pipes -----------------------------
+
+class _Spawn:
+    """What one incarnation's spawn set up outside the bootstrap basics."""
+
+    def __init__(self, cgroup, cgroup_fds: list[int], log_r: int, log_w: int, bootstrap: dict,
+                 limiter: DeviceLogLimiter):
+        self.limiter = limiter
+        self.cgroup = cgroup
+        self.cgroup_fds = cgroup_fds
+        self.log_r, self.log_w = log_r, log_w
+        self.bootstrap = bootstrap
+        self.reader: PipeReader | None = None
+
+    @property
+    def pass_fds(self) -> list[int]:
+        return list(self.cgroup_fds)
+
+    def spawned(self) -> None:
+        """After Popen: close the fds only the launcher needed."""
+        for fd in (*self.cgroup_fds, self.log_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.cgroup_fds, self.log_w = [], -1
+
+    def release(self) -> None:
+        """After the incarnation was reaped (or never ran)."""
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
+        if self.reader is None and self.log_r >= 0:
+            # Never attached (the spawn failed): relay what it said, then close.
+            # A PipeReader closes its own fd at EOF.
+            os.set_blocking(self.log_r, False)
+            try:
+                said = os.read(self.log_r, 64 * 1024)
+            except OSError:
+                said = b""
+            for line in said.decode("utf-8", errors="replace").splitlines():
+                self.limiter.emit(logging.WARNING, line)
+            os.close(self.log_r)
+            self.log_r = -1
+
+
+class _JailSetup:
+    def __init__(self, sandbox: str, limits: dict[str, CgroupLimits], device_ids):
+        self.sandbox = sandbox
+        self.limits = limits
+        self.device_ids = device_ids
+        self._cgroups: CgroupManager | None = None
+        self._lock = threading.Lock()
+        self._spawns: dict[int, _Spawn] = {}   # by device pid
+        self._limiters: dict[str, DeviceLogLimiter] = {}
+
+    def _manager(self) -> CgroupManager | None:
+        with self._lock:
+            if self._cgroups is None:
+                self._cgroups = CgroupManager()
+                if self._cgroups.available:
+                    log.info("device cgroups: %s, under %s%s", self._cgroups.version,
+                             ", ".join(self._cgroups._bases.values()),
+                             f" ({self._cgroups.reason})" if self._cgroups.reason else "")
+                else:
+                    log.warning("device cgroups skipped (no memory/pids limits): %s", self._cgroups.reason)
+            return self._cgroups if self._cgroups.available else None
+
+    def limits_for(self, kind: str) -> CgroupLimits:
+        if kind in self.limits:
+            return self.limits[kind]
+        try:
+            return importlib.import_module(f"devices.{kind}.policy").CGROUP_LIMITS
+        except (ImportError, AttributeError):
+            return DEFAULT_LIMITS
+
+    def prepare(self, spec: DeviceSpec, gen: int, guest_memory: int) -> _Spawn:
+        boot: dict = {}
+        cgroup, fds = None, []
+        if self.sandbox != "off":
+            if self.device_ids is not None:
+                boot["host_ids"] = list(self.device_ids)
+            manager = self._manager()
+            if manager is not None:
+                try:
+                    cgroup = manager.create(f"{spec.id}.{gen}", self.limits_for(spec.kind), guest_memory)
+                    fds = cgroup.open_procs()
+                except OSError as exc:
+                    log.warning("device %s: no cgroup (%s)", spec.id, exc)
+                    if cgroup is not None:
+                        cgroup.remove()
+                    cgroup, fds = None, []
+            boot["cgroup_fds"] = fds
+        log_r, log_w = os.pipe2(os.O_CLOEXEC)
+        return _Spawn(cgroup, fds, log_r, log_w, boot, self.limiter(spec.id))
+
+    def track(self, inc: Incarnation, spawn: _Spawn) -> None:
+        with self._lock:
+            self._spawns[inc.pid] = spawn
+
+    def limiter(self, device_id: str) -> DeviceLogLimiter:
+        with self._lock:
+            lim = self._limiters.get(device_id)
+            if lim is None:
+                lim = self._limiters[device_id] = DeviceLogLimiter(device_id)
+            return lim
+
+    def read_logs(self, loop, dev: ManagedDevice, inc: Incarnation) -> None:
+        """On the loop: start relaying the incarnation's pipe."""
+        spawn = self._spawns.get(inc.pid)
+        if spawn is not None and spawn.reader is None and spawn.log_r >= 0:
+            spawn.reader = PipeReader(loop, spawn.log_r, self.limiter(dev.spec.id))
+
+    def release(self, inc: Incarnation) -> None:
+        with self._lock:
+            spawn = self._spawns.pop(inc.pid, None)
+        if spawn is not None:
+            spawn.release()
+
+    def cgroup_of(self, pid: int):
+        spawn = self._spawns.get(pid)
+        return spawn.cgroup if spawn is not None else None
+
+    def close(self) -> None:
+        with self._lock:
+            spawns, self._spawns = list(self._spawns.values()), {}
+        for spawn in spawns:
+            spawn.release()
+        if self._cgroups is not None:
+            self._cgroups.close()

@@ -412,6 +412,13 @@ class VirtioBlkDevice(VirtioDevice):
                       "total": self.core.totals(), "per_queue": [dict(s) for s in self.core.stats]}
         return out
 
+    def file_size_limit(self) -> int:
+        """RLIMIT_FSIZE in the jail: every request is checked against the
+        capacity and fallocate keeps the size, so a write never extends the
+        image; anything past its end is refused (EFBIG). Block devices are
+        not subject to the limit."""
+        return self.backend.size
+
     def close(self) -> None:
         try:
             super().close()
