@@ -391,8 +391,12 @@ class Machine:
             raise VmStateError(f"device {dev.spec.id} did not answer: {exc}") from None
 
     async def device_stats(self, device_id: str) -> dict:
-        """The device process's own counters (CONTROL stats)."""
-        return await self._device_call(self._device_or_raise(device_id), "stats")
+        """The device process's own counters (CONTROL stats), plus vmmd's
+        count of its relayed and dropped log lines ("log_relay")."""
+        stats = await self._device_call(self._device_or_raise(device_id), "stats")
+        if isinstance(stats, dict):
+            stats = {**stats, "log_relay": self.supervisor.log_stats(device_id)}
+        return stats
 
     async def set_link(self, device_id: str, up: bool) -> dict:
         """virtio-net link up/down (CONTROL device set_link)."""
