@@ -80,9 +80,9 @@ class DeviceLogLimiter:
         """Log one line if the bucket allows; False when it was dropped."""
         if not self.take(1):
             return False
-        self._report_drops()
         self.lines += 1
         self.logger.log(level, "[%s] %s", self.device_id, clean(text))
+        self._report_drops()
         return True
 
     def _report_drops(self) -> None:
@@ -163,6 +163,7 @@ class PipeReader:
         rest = parts.pop()
         for raw in parts:  # the first lines of a burst pass, the rest are dropped
             self._log(raw)
+        self.limiter._report_drops()
         self._partial = rest[rest.rfind(b"\n") + 1:]
         self._trim_partial()
 
@@ -174,7 +175,6 @@ class PipeReader:
 
     def _log(self, raw: bytes) -> None:
         self.limiter.lines += 1
-        self.limiter._report_drops()
         self.limiter.logger.log(self.level, "[%s] %s", self.limiter.device_id,
                                 clean(raw.decode("utf-8", errors="replace").rstrip("\r")))
 
