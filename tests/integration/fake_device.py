@@ -8,7 +8,8 @@ Registers (PIO 0x500..0x50f), by offset:
   6  w    latch the u32 at guest-physical `value`; r: the latched value
   7  w    MSI with data `value`
 Device ops (CONTROL "device"): "stderr" {"bytes", "line"} writes that many
-bytes of `line` repeated to fd 2 (a flooding or forging device).
+bytes of `line` repeated to fd 2 (a flooding or forging device); "log_events"
+{"n", "text"} sends n LOG events.
 """
 
 import os
@@ -89,6 +90,10 @@ class FakeDevice(DeviceModel):
         return {"reg": self.reg}
 
     def device_control(self, op, args):
+        if op == "log_events":
+            for i in range(args["n"]):
+                self.host.log(40, f"{i} {args['text']}")
+            return args["n"]
         if op != "stderr":
             return super().device_control(op, args)
         chunk = args["line"].encode(errors="surrogateescape") * max(1, 65536 // max(1, len(args["line"])))

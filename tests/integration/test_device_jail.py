@@ -187,6 +187,14 @@ def test_device_stderr_flood_is_attributed_cleaned_and_bounded():
             elapsed = time.monotonic() - t0
             stats = h.supervisor.log_stats("fake0")
             assert dev.state == "running"
+            # LOG events over the bus go through the same per-device limit.
+            assert dev.control("device", {"op": "log_events", "args": {"n": 5000, "text": forged}}) == 5000
+            deadline = time.monotonic() + 30
+            while (h.supervisor.log_stats("fake0")["dropped"] < stats["dropped"] + 4000
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            after_events = h.supervisor.log_stats("fake0")
+            elapsed = time.monotonic() - t0
     finally:
         logger.removeHandler(records)
         logger.setLevel(old_level)
@@ -203,6 +211,7 @@ def test_device_stderr_flood_is_attributed_cleaned_and_bounded():
         assert not any(c in m for c in "\x1b\x07\n\r\u202e"), repr(m)
         assert len(m) <= 4 * MAX_LINE + 20
     assert any("log lines dropped" in m for m in mine)
+    assert after_events["dropped"] >= stats["dropped"] + 4000, (stats, after_events)
 
 
 # --- no death by seccomp at start -----------------------------------------------------------
