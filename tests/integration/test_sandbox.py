@@ -285,6 +285,18 @@ def test_on_mode_confines_and_keeps_serving(probe_factory):
 
 
 @needs_sandbox
+def test_zmq_threads_first_running_inside_the_jail_survive(probe_factory):
+    """Issue 9: a libzmq thread whose first instructions ran after the filter
+    died of SIGSYS (sched_setscheduler, prctl PR_SET_NAME)."""
+    p = probe_factory("on")
+    for _ in range(3):
+        assert p.call("zmq_threads") == {"ok": True}, p.stderr_so_far()
+    assert p.call("ping")["ok"]
+    assert p.call("exit")["ok"]
+    assert p.finish()[p.pid] == ("exit", 0)
+
+
+@needs_sandbox
 def test_on_mode_exec_kills_the_device(probe_factory):
     p = probe_factory("on")
     ended = p.call_fatal("exec")
