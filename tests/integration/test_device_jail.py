@@ -110,6 +110,14 @@ def test_device_file_size_limit(four, kind, fsize):
     assert lim["Max core file size"] == "0"
 
 
+def test_lpc_with_a_file_console_may_write_its_file():
+    from tests.harness.starts import lpc_spec
+    with tempfile.TemporaryDirectory(prefix="vmmd-jail-") as d, RecordingHarness(sandbox="on", mem_size=MEM) as h:
+        dev = h.add_device(lpc_spec(MEM, com1=f"file,{d}/console.log"))
+        assert _limits(dev.current.pid)["Max file size"] == str(1 << 30)
+        assert int(_status(str(dev.current.pid))["CapEff"], 16) == 0
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_device_holds_no_descriptor_of_vmmds_log(four, kind):
     h, devs = four
