@@ -142,7 +142,7 @@ def parse_bootstrap(text: str, kind: str) -> Bootstrap:
     host_ids = doc.get("host_ids")
     if host_ids is not None:
         if (type(host_ids) is not list or len(host_ids) != 2
-                or any(type(i) is not int or not 0 < i < 1 << 32 - 1 for i in host_ids)):
+                or any(type(i) is not int or not 0 < i < (1 << 31) for i in host_ids)):
             raise BootstrapError("host_ids must be [uid, gid], both non-zero")
         host_ids = tuple(host_ids)
     return Bootstrap(dev_id, kind, doc["req"], doc["evt"], doc["sandbox"], mem_fd, layout, options,
