@@ -281,6 +281,8 @@ def _fork_into_user_namespace(host_ids: tuple[int, int]) -> tuple[frozenset[str]
         os.write(to_parent_w, b"U" if entered else b"N")
         os.close(to_parent_w)
         if not entered:
+            sys.stderr.write(f"vmmd sandbox: warning: {reason}\n")
+            sys.stderr.flush()
             os._exit(3)  # the launcher carries on un-isolated
         answer = _read_byte(to_child_r)
         os.close(to_child_r)
