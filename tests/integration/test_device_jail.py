@@ -236,3 +236,21 @@ def test_device_starts_under_load_never_die_of_sigsys():
     for r in results:
         assert r["sigsys"] == 0 and r["crashes"] == 0, results
         assert r["ended"].get("killed by SIGKILL", 0) >= STARTS - 1, results
+
+
+@pytest.mark.parametrize("mode", ["log", "off"])
+def test_debug_sandbox_modes_still_work(mode):
+    """--sandbox log: the same jail, seccomp only logs; off: nothing (but logs still go
+    through vmmd's pipe)."""
+    with tempfile.TemporaryDirectory(prefix="vmmd-jail-") as d, RecordingHarness(sandbox=mode, mem_size=MEM) as h:
+        with device_of_kind(h, "virtio_blk", d) as dev:
+            pid = dev.current.pid
+            st = _status(str(pid))
+            assert dev.control("stats")
+            assert os.readlink(f"/proc/{pid}/fd/2").startswith("pipe:[")
+            if mode == "log":
+                assert int(st["CapEff"], 16) == 0 and st["Uid"].split()[0] == str(HOST_IDS[0])
+                assert st["Seccomp"] == "2"
+                assert h.supervisor._jail.cgroup_of(pid) is not None
+            else:
+                assert st["Seccomp"] == "0" and h.supervisor._jail.cgroup_of(pid) is None
