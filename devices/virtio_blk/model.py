@@ -414,10 +414,12 @@ class VirtioBlkDevice(VirtioDevice):
 
     def file_size_limit(self) -> int:
         """RLIMIT_FSIZE in the jail: every request is checked against the
-        capacity and fallocate keeps the size, so a write never extends the
-        image; anything past its end is refused (EFBIG). Block devices are
-        not subject to the limit."""
-        return self.backend.size
+        capacity and fallocate keeps the size, so a raw image is never
+        extended; anything past its end is refused (EFBIG). A backend whose
+        file grows (an image format allocating clusters) says how far with
+        its own file_size_limit(). Block devices are not subject to it."""
+        own = getattr(self.backend, "file_size_limit", None)
+        return own() if callable(own) else self.backend.size
 
     def close(self) -> None:
         try:
