@@ -151,6 +151,11 @@ class CgroupManager:
     def available(self) -> bool:
         return bool(self.version)
 
+    @property
+    def locations(self) -> list[str]:
+        """The sub-hierarchy directories device cgroups are made in."""
+        return list(self._bases.values())
+
     def _set_up(self, mounts, own) -> None:
         why = []
         for point, fstype, _ in mounts:

@@ -21,6 +21,7 @@ from vmmd.devlink import DeviceSpec, Incarnation, ManagedDevice
 
 log = logging.getLogger("vmmd.supervisor")
 
+
 class Spawn:
     """What one incarnation's spawn set up outside the bootstrap basics."""
 
@@ -66,6 +67,9 @@ class Spawn:
 
 
 class JailSetup:
+    """One per supervisor: the cgroup manager (made at the first spawn), the
+    per-device log limiters (kept across incarnations), live spawns by pid."""
+
     def __init__(self, sandbox: str, limits: dict[str, CgroupLimits], device_ids):
         self.sandbox = sandbox
         self.limits = limits
@@ -81,7 +85,7 @@ class JailSetup:
                 self._cgroups = CgroupManager()
                 if self._cgroups.available:
                     log.info("device cgroups: %s, under %s%s", self._cgroups.version,
-                             ", ".join(self._cgroups._bases.values()),
+                             ", ".join(self._cgroups.locations),
                              f" ({self._cgroups.reason})" if self._cgroups.reason else "")
                 else:
                     log.warning("device cgroups skipped (no memory/pids limits): %s", self._cgroups.reason)
