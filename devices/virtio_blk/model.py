@@ -9,6 +9,9 @@ Options: {"args": [PATH, OPTION, ...]} from the slot `-s N,virtio-blk,PATH,...`:
     serial=TEXT            GET_ID answer, up to 20 printable ASCII bytes (alias: ser=)
     num_queues=N           request queues, 1..64 (default 1; > 1 offers MQ)
     queue_size=N           queue size, a power of 2 in 4..32768 (default 256)
+    format=qcow2|raw       image format; without it the magic is probed (a qcow2
+                           image is opened with a warning, a raw one refuses guest
+                           writes of a qcow2 header to sector 0); see qcow2_backend.py
 
 A bad option raises ValueError (the runtime exits 1 and vmmd reports it).
 
@@ -32,6 +35,7 @@ from devices.virtio.queue import ChainError
 from devices.virtio_blk import request as rq
 from devices.virtio_blk import state as blkstate
 from devices.virtio_blk.backend import CACHE_MODES, BlockBackend
+from devices.virtio_blk.qcow2_backend import FORMATS, open_backend
 
 log = logging.getLogger("devices.virtio_blk")
 
@@ -74,6 +78,7 @@ class BlkOptions:
     serial: bytes = b""
     num_queues: int = 1
     queue_size: int = DEFAULT_QUEUE_SIZE
+    image_format: str | None = None
 
 
 def _int_option(key: str, text: str, lo: int, hi: int) -> int:
@@ -106,7 +111,7 @@ def parse_options(options: dict) -> BlkOptions:
                 kw["cache"] = "direct"
             else:
                 raise ValueError(f"virtio-blk: unknown option {arg!r} "
-                                 "(ro, nocache, cache=, serial=, num_queues=, queue_size=)")
+                                 "(ro, nocache, cache=, serial=, format=, num_queues=, queue_size=)")
         elif key == "cache":
             if value not in CACHE_MODES:
                 raise ValueError(f"virtio-blk: cache={value!r}: expected one of {', '.join(CACHE_MODES)}")
@@ -117,6 +122,10 @@ def parse_options(options: dict) -> BlkOptions:
                 raise ValueError(f"virtio-blk: serial {value!r} must be at most {rq.ID_BYTES} "
                                  "printable ASCII characters")
             kw["serial"] = raw
+        elif key == "format":
+            if value not in FORMATS:
+                raise ValueError(f"virtio-blk: format={value!r}: expected one of {', '.join(FORMATS)}")
+            kw["image_format"] = value
         elif key == "num_queues":
             kw["num_queues"] = _int_option(key, value, 1, MAX_QUEUES)
         elif key == "queue_size":
@@ -126,7 +135,7 @@ def parse_options(options: dict) -> BlkOptions:
             kw["queue_size"] = v
         else:
             raise ValueError(f"virtio-blk: unknown option {arg!r} "
-                             "(ro, nocache, cache=, serial=, num_queues=, queue_size=)")
+                             "(ro, nocache, cache=, serial=, format=, num_queues=, queue_size=)")
     return BlkOptions(path, **kw)
 
 
@@ -332,8 +341,9 @@ class VirtioBlkDevice(VirtioDevice):
     def __init__(self, host, options: dict, *, backend: BlockBackend | None = None):
         opts = parse_options(options)
         self.opts = opts
-        self.backend = backend if backend is not None else BlockBackend(
-            opts.path, read_only=opts.read_only, cache=opts.cache, serial=opts.serial)
+        self.backend = backend if backend is not None else open_backend(
+            opts.path, image_format=opts.image_format, read_only=opts.read_only,
+            cache=opts.cache, serial=opts.serial)
         try:
             if self.backend.capacity == 0:
                 log.warning("%s: the disk image is empty (capacity 0)", opts.path)
@@ -407,6 +417,7 @@ class VirtioBlkDevice(VirtioDevice):
         out = super().stats()
         out["blk"] = {"capacity": self.backend.capacity, "read_only": self.opts.read_only,
                       "cache": self.opts.cache, "direct": self.backend.dfd is not None,
+                      "format": getattr(self.backend, "image_format", "raw"),
                       "writethrough": self.core.writethrough,
                       "backend_errors": self.backend.errors,
                       "total": self.core.totals(), "per_queue": [dict(s) for s in self.core.stats]}

@@ -18,6 +18,11 @@ import struct
 import zlib
 from dataclasses import dataclass, field, replace
 
+try:    # imported now: a device process cannot load modules once jailed
+    import zstandard
+except ImportError:   # pragma: no cover - a declared dependency
+    zstandard = None
+
 MAGIC = b"QFI\xfb"
 V2_HEADER = struct.Struct(">4sIQIIQIIQQIIQ")           # 72 bytes
 V3_FIELDS = struct.Struct(">QQQII")                     # bytes 72..103
@@ -418,7 +423,8 @@ def decompress(data: bytes, compression_type: int, cluster_size: int) -> bytes:
             d = zlib.decompressobj(-15)
             out = d.decompress(data, cluster_size)
         elif compression_type == COMPRESSION_ZSTD:
-            import zstandard
+            if zstandard is None:
+                raise Qcow2Error("zstd compressed clusters need the zstandard package")
             out = _zstd_bounded(zstandard, data, cluster_size)
         else:
             raise Qcow2Error(f"unknown compression type {compression_type}")
@@ -454,7 +460,6 @@ def _zstd_bounded(zstandard, data: bytes, limit: int) -> bytes:
 
 def compress(data: bytes, compression_type: int) -> bytes:
     if compression_type == COMPRESSION_ZSTD:
-        import zstandard
         return zstandard.ZstdCompressor().compress(data)
     c = zlib.compressobj(6, zlib.DEFLATED, -15)
     return c.compress(data) + c.flush()

@@ -25,13 +25,14 @@ dirty at open is repaired (refcounts rebuilt from the L1/L2 tables).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import struct
-from array import array
 from collections import OrderedDict, deque
 
 from devices.virtio_blk.qcow2 import format as fmt
+from devices.virtio_blk.qcow2.check import check_image
 from devices.virtio_blk.qcow2.format import Qcow2Error
 
 _Q = struct.Struct(">Q")
@@ -41,14 +42,19 @@ MIN_L2_CACHE = 16
 REFBLOCK_CACHE = 32
 POOL_BYTES = 1 << 20
 MAX_PENDING_FREES = 4096
-MAX_CHECK_CLUSTERS = 1 << 28
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    from devices.virtio_blk.backend import fallocate
-    fallocate(fd, mode, offset, length)
+    if _libc_fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_libc_fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+_libc_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc_fallocate.restype = ctypes.c_int
 
 
 class _Cursor:
@@ -707,6 +713,29 @@ class Qcow2Image:
         self._apply_frees()
         self._barrier()
 
+    def close_for_backing(self) -> None:
+        """Stop writing: give back the pool, apply the frees, make everything
+        durable (and clean), and stay open read-only as a backing image."""
+        if not self.read_only:
+            while self.pool:
+                self._free_later(self.pool.popleft())
+            self._apply_frees()
+            self._write_back_lazy()
+            self._barrier()
+            self.read_only = True
+            self.lazy = False
+
+    def _write_back_lazy(self) -> None:
+        if self.lazy and self._dirty_marked:
+            for off in list(self.rb_dirty):
+                b = self.rb_cache.get(off)
+                if b is not None:
+                    os.pwrite(self.fd, b, off)
+            self.rb_dirty.clear()
+            os.fdatasync(self.fd)
+            self._set_incompatible(self.h.incompatible & ~fmt.INCOMPAT_DIRTY)
+            self._dirty_marked = False
+
     def close(self) -> None:
         if self.fd < 0:
             return
@@ -716,13 +745,7 @@ class Qcow2Image:
                     self._free_later(self.pool.popleft())
                 self._apply_frees()
                 if self.lazy and self._dirty_marked:
-                    for off in list(self.rb_dirty):
-                        b = self.rb_cache.get(off)
-                        if b is not None:
-                            os.pwrite(self.fd, b, off)
-                    self.rb_dirty.clear()
-                    os.fdatasync(self.fd)
-                    self._set_incompatible(self.h.incompatible & ~fmt.INCOMPAT_DIRTY)
+                    self._write_back_lazy()
                 elif self.sync:
                     os.fdatasync(self.fd)
         finally:
@@ -769,7 +792,6 @@ class Qcow2Image:
         """Recount every reference and compare with the refcounts.
         fix: None, 'leaks' or 'all'. Returns qemu-img check's counters plus
         'messages' (one line per problem)."""
-        from devices.virtio_blk.qcow2.check import check_image
         return check_image(self, fix)
 
 
