@@ -173,7 +173,7 @@ def check_image(img, fix: str | None = None) -> dict:
         raise ValueError(f"fix must be None, 'leaks' or 'all', not {fix!r}")
     res, refs, n = _count(img, fix)
     mismatches = _compare(img, refs, n, res)
-    res["image-end-offset"] = os.fstat(img.fd).st_size
+    res["image-end-offset"] = -(-os.fstat(img.fd).st_size // img.cs) * img.cs
     if fix is None or not mismatches:
         return res
     if img.read_only:

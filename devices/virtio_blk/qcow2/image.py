@@ -699,6 +699,52 @@ class Qcow2Image:
                     self._punch(kind, host)
             pos += cs
 
+    def make_empty(self) -> None:
+        """Unmap every cluster (commit's last step): all reads go to the backing file."""
+        self._writable(0, 0)
+        for off, n, kind, _ in list(self.block_status(0, self.size)):
+            if kind == "unallocated":
+                continue
+            for pos in range(off, off + n, self.cs):
+                gc = pos >> self.cb
+                k, host, cn = self._lookup(gc)
+                if k != fmt.UNALLOCATED:
+                    self._set_l2(gc, 0)
+                    self._release(k, host, cn)
+                    self._punch(k, host)
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        """Write one whole guest cluster compressed (convert -c). Compressed
+        clusters are packed one after another into host clusters; each host
+        cluster holds one reference per compressed cluster that touches it."""
+        self._writable(offset, len(data))
+        if offset % self.cs or len(data) != min(self.cs, self.size - offset):
+            raise Qcow2Error("compressed writes cover exactly one cluster")
+        packed = fmt.compress(bytes(data) + bytes(self.cs - len(data)), self.h.compression_type)
+        if len(packed) >= self.cs - 512:
+            self.write(offset, data)
+            return
+        gc = offset >> self.cb
+        self._ensure_l2(gc)
+        kind, host, cn = self._lookup(gc)
+        cur = getattr(self, "_cpack", None)
+        if cur is None or cur[1] + len(packed) > self.cs:
+            cur = [self._alloc(), 0]            # refcount 1: this cluster's first user
+            first = True
+        else:
+            first = False
+        at = cur[0] + cur[1]
+        os.pwrite(self.fd, packed, at)
+        self.file_size = max(self.file_size, at + len(packed))
+        if not first:
+            self._refcount_add(cur[0], 1)
+            if not self.lazy:
+                self._barrier()
+        cur[1] += len(packed)
+        self._cpack = cur
+        self._set_l2(gc, fmt.encode_compressed(at, len(packed), self.h))
+        self._release(kind, host, cn)
+
     def _punch(self, kind: int, host: int) -> None:
         if kind == fmt.NORMAL or (kind == fmt.ZERO and host):
             try:
