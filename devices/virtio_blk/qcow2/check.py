@@ -147,9 +147,9 @@ def _compare(img, refs, nclusters, res) -> list:
             stored_all = [fmt.refcount_get(block, i, h.refcount_order) for i in range(E)]
         base = ti * E
         covered.add(ti)
-        for bi in range(E):
+        for bi in range(min(E, nclusters - base)):   # past the end of the file: ignored, as qemu-img does
             c = base + bi
-            counted = refs[c] if c < nclusters else 0
+            counted = refs[c]
             stored = stored_all[bi]
             if stored != counted:
                 out.append((c, stored, counted))

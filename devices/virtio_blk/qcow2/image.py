@@ -190,17 +190,19 @@ class Qcow2Image:
         self.meta = {0}
         self._add_meta(h.l1_table_offset, h.l1_size * 8)
         self._add_meta(h.refcount_table_offset, nref * 8)
+        if h.nb_snapshots:
+            self._add_meta(h.snapshots_offset, 40 * h.nb_snapshots)
+        # No two tables may share a cluster: a write through one would corrupt the other.
+        for i, e in enumerate(self.reftable):
+            off = fmt.reftable_entry_offset(e, h, self.file_size)
+            if off:
+                self._meta_clash(off, f"refcount table entry {i}")
+                self.meta.add(off)
         for i, e in enumerate(self.l1):
             off = fmt.l1_entry_offset(e, h, self.file_size)
             if off:
                 self._meta_clash(off, f"L1 entry {i}")
                 self.meta.add(off)
-        for i, e in enumerate(self.reftable):
-            off = fmt.reftable_entry_offset(e, h, self.file_size)
-            if off:
-                self.meta.add(off)
-        if h.nb_snapshots:
-            self._add_meta(h.snapshots_offset, 40 * h.nb_snapshots)
         l2_slots = max(MIN_L2_CACHE, L2_CACHE_BYTES // self.cs)
         self.l2_cache: OrderedDict[int, bytearray] = OrderedDict()
         self.l2_cache_max = l2_slots
@@ -387,7 +389,7 @@ class Qcow2Image:
         if (off >> self.cb) // E == ti:
             fmt.refcount_set(block, (off >> self.cb) % E, 4, 1)   # counts itself
         else:
-            self._refcount_add(off, 1)
+            self._refcount_set(off, 1)
         os.pwrite(self.fd, block, off)
         self.file_size = max(self.file_size, off + self.cs)
         self._barrier()
@@ -426,7 +428,7 @@ class Qcow2Image:
             if t in contents:
                 fmt.refcount_set(contents[t], i, 4, 1)
             else:
-                self._refcount_add(c << self.cb, 1)   # an existing block: leaks if we crash
+                self._refcount_set(c << self.cb, 1)   # an existing block: leaks if we crash
         for t, off in blocks.items():
             os.pwrite(self.fd, contents[t], off)
             table[t] = off
@@ -456,11 +458,15 @@ class Qcow2Image:
 
     def _refill_pool(self) -> None:
         got = self._find_free(self.pool_size) if not self._no_reuse else []
-        while len(got) < self.pool_size:
-            got.append(self.end)
-            self.end += self.cs
         for c in got:
             self._refcount_add(c, 1)
+        while len(got) < self.pool_size:
+            # Past the end of the file nothing references a cluster: a stale
+            # refcount there (an earlier crash's pool) is overwritten, not added to.
+            c = self.end
+            self.end += self.cs          # claimed before a refcount block may be placed
+            got.append(c)
+            self._refcount_set(c, 1)
         if not self.lazy:
             self._barrier()
         self.pool.extend(got)
