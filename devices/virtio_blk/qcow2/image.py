@@ -71,6 +71,11 @@ class _Cursor:
         bufs = self.bufs
         while n:
             b = bufs[self.i]
+            if not self.pos and len(b) <= n:      # a whole buffer: no slicing
+                out.append(b)
+                n -= len(b)
+                self.i += 1
+                continue
             k = min(len(b) - self.pos, n)
             out.append(b[self.pos:self.pos + k])
             n -= k
@@ -83,6 +88,14 @@ class _Cursor:
 
 def pread_into(fd: int, views: list, offset: int, file_size: int | None = None) -> None:
     """Fill views from fd at offset; bytes past the end of the file read as zeros."""
+    if len(views) <= 1024:
+        total = sum(map(len, views))
+        n = os.preadv(fd, views, offset)
+        if n == total:
+            return
+        if n > 0:
+            offset += n
+            views = _skip(views, n)
     while views:
         n = os.preadv(fd, views[:1024], offset)
         if n <= 0:
@@ -97,7 +110,26 @@ def pread_into(fd: int, views: list, offset: int, file_size: int | None = None) 
             views = [views[0][n:]] + views[1:]
 
 
+def _skip(views: list, n: int) -> list:
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    views = views[i:]
+    if n and views:
+        views[0] = views[0][n:]
+    return views
+
+
 def pwrite_from(fd: int, views: list, offset: int) -> None:
+    if len(views) <= 1024:
+        total = sum(map(len, views))
+        n = os.pwritev(fd, views, offset)
+        if n == total:
+            return
+        if n > 0:
+            offset += n
+            views = _skip(views, n)
     while views:
         n = os.pwritev(fd, views[:1024], offset)
         if n <= 0:
@@ -285,16 +317,33 @@ class Qcow2Image:
             self.l2_cache.popitem(last=False)
         return t
 
-    def _lookup(self, gc: int) -> tuple[int, int, int]:
-        """Guest cluster -> (kind, host offset, compressed bytes)."""
+    def _entry(self, gc: int) -> int:
+        """The raw L2 entry of a guest cluster (0 without an L2 table)."""
         i1 = gc >> (self.cb - 3)
         if i1 >= len(self.l1):
-            return fmt.UNALLOCATED, 0, 0
+            return 0
         l2 = self.l1[i1] & fmt.L1E_OFFSET_MASK
         if not l2:
+            return 0
+        t = self.l2_cache.get(l2)
+        if t is None:
+            t = self._l2_load(l2)
+        return _Q.unpack_from(t, (gc & ((1 << (self.cb - 3)) - 1)) << 3)[0]
+
+    def _plain(self, gc: int, writing: bool) -> int:
+        """Host offset of a plain data cluster (written in place: copied flag
+        set), or 0 for anything else (the slow path decides)."""
+        e = self._entry(gc)
+        off = e & fmt.L2E_OFFSET_MASK
+        if not off or e & _SLOW_BITS or off & (self.cs - 1) or (writing and not e & fmt.OFLAG_COPIED):
+            return 0
+        return self._data_host(off, False)   # an existing cluster lies inside the file
+
+    def _lookup(self, gc: int) -> tuple[int, int, int]:
+        """Guest cluster -> (kind, host offset, compressed bytes)."""
+        e = self._entry(gc)
+        if not e:
             return fmt.UNALLOCATED, 0, 0
-        t = self._l2_load(l2)
-        e = _Q.unpack_from(t, (gc & ((1 << (self.cb - 3)) - 1)) << 3)[0]
         off = e & fmt.L2E_OFFSET_MASK
         if off and not e & _SLOW_BITS and not off & (self.cs - 1):
             return fmt.NORMAL, off, 0   # fast path: a plain data cluster
@@ -506,8 +555,12 @@ class Qcow2Image:
         length = sum(len(v) for v in views)
         if offset < 0 or offset + length > self.size:
             raise Qcow2Error(f"read of {length} bytes at {offset} is outside the disk")
-        cur = _Cursor(views)
         cs, cb, fd = self.cs, self.cb, self.fd
+        host = self._contiguous(offset, length, False)
+        if host:
+            pread_into(fd, list(views), host)
+            return
+        cur = _Cursor(views)
         pos, end = offset, offset + length
         run_host = run_len = 0
         while pos < end:
@@ -541,6 +594,20 @@ class Qcow2Image:
             pos += n
         if run_len:
             pread_into(fd, cur.take(run_len), run_host)
+
+    def _contiguous(self, offset: int, length: int, writing: bool) -> int:
+        """The host offset of [offset, offset+length) if it is one run of plain
+        data clusters (the common case: one I/O, the caller's buffers as they are)."""
+        cb, cs = self.cb, self.cs
+        gc = offset >> cb
+        last = (offset + length - 1) >> cb
+        host = self._plain(gc, writing)
+        if not host:
+            return 0
+        for i in range(1, last - gc + 1):
+            if self._plain(gc + i, writing) != host + (i << cb):
+                return 0
+        return host + (offset & (cs - 1))
 
     def _read_backing(self, pos: int, views: list) -> None:
         bsize = self.backing.size
@@ -597,17 +664,21 @@ class Qcow2Image:
     def write_from(self, offset: int, views: list) -> None:
         length = sum(len(v) for v in views)
         self._writable(offset, length)
-        cur = _Cursor(views)
         cs, cb, fd = self.cs, self.cb, self.fd
+        host = self._contiguous(offset, length, True)
+        if host:
+            pwrite_from(fd, list(views), host)
+            return
+        cur = _Cursor(views)
         pos, end = offset, offset + length
         run_host = run_len = 0
         while pos < end:
             within = pos & (cs - 1)
             n = min(cs - within, end - pos)
             gc = pos >> cb
-            kind, host, cn = self._lookup(gc)
-            if kind == fmt.NORMAL and self._owned(gc, host):
-                host = self._data_host(host, True) + within
+            host = self._plain(gc, True)
+            if host:
+                host += within
                 if run_len and run_host + run_len == host:
                     run_len += n
                 else:
@@ -619,18 +690,12 @@ class Qcow2Image:
             if run_len:
                 pwrite_from(fd, cur.take(run_len), run_host)
                 run_len = 0
+            kind, host, cn = self._lookup(gc)
             self._write_new_cluster(gc, kind, host, cn, within, cur.take(n))
             pos += n
         if run_len:
             pwrite_from(fd, cur.take(run_len), run_host)
             self.file_size = max(self.file_size, run_host + run_len)
-
-    def _owned(self, gc: int, host: int) -> bool:
-        """A normal cluster we may write in place (refcount 1, copied flag)."""
-        i1 = gc >> (self.cb - 3)
-        t = self._l2_load(self.l1[i1] & fmt.L1E_OFFSET_MASK)
-        e = _Q.unpack_from(t, (gc & ((1 << (self.cb - 3)) - 1)) << 3)[0]
-        return bool(e & fmt.OFLAG_COPIED)
 
     def _write_new_cluster(self, gc: int, kind: int, host: int, cn: int, within: int, views: list) -> None:
         """Copy-on-write / allocate: data first, then the L2 entry, then the old
