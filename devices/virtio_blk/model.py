@@ -27,6 +27,9 @@ SplitQueues; VirtioBlkDevice wires it to the transport's hooks.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -334,6 +337,35 @@ class BlkCore:
 # --- the device ------------------------------------------------------------------------
 
 
+def receive_fd(sock_fd: int | None) -> int:
+    """One fd vmmd already sent on the fdpass socket (never blocks)."""
+    if sock_fd is None:
+        raise ValueError("switch_overlay: this device has no fdpass socket")
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        try:
+            # (socket.recv_fds ignores its flags before Python 3.12: recvmsg itself)
+            _, anc, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(2 * 4), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise ValueError("switch_overlay: no overlay fd was sent") from None
+    finally:
+        sock.detach()
+    fds = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"switch_overlay: expected one fd, got {len(fds)}")
+    fd = fds[0]
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("switch_overlay: the overlay is not a regular file")
+    return fd
+
+
+
 class VirtioBlkDevice(VirtioDevice):
     KIND = "virtio_blk"
     VIRTIO_ID = VIRTIO_ID_BLOCK
@@ -412,6 +444,37 @@ class VirtioBlkDevice(VirtioDevice):
                 self.config_changed()
 
     # --- DeviceModel ---------------------------------------------------------------------
+
+    def device_control(self, op: str, args: dict):
+        """CONTROL "device" ops: "switch_overlay" {"path": P} (disk checkpoints).
+
+        vmmd first sends the overlay's fd (one SCM_RIGHTS message) on the
+        "fdpass" socket it gave this device at bootstrap; the overlay is an
+        empty qcow2 image whose backing file is this disk's current image.
+        From then on writes go to the overlay and the old image is read-only:
+        it holds the disk exactly as it was at the switch (vmmd quiesces the
+        device around the op, and requests complete synchronously, so there
+        is nothing in flight)."""
+        if op == "switch_overlay":
+            return self._switch_overlay(args if isinstance(args, dict) else {})
+        return super().device_control(op, args)
+
+    def _switch_overlay(self, args: dict) -> dict:
+        path = args.get("path", "")
+        if type(path) is not str:
+            raise ValueError("switch_overlay: path must be a string")
+        switch = getattr(self.backend, "switch_to_overlay", None)
+        if switch is None:
+            raise ValueError("switch_overlay: the disk is not a qcow2 image (format=qcow2)")
+        fd = receive_fd((getattr(self.host, "fds", None) or {}).get("fdpass"))
+        try:
+            old = self.backend.path
+            switch(fd, path)
+        except Exception:
+            os.close(fd)
+            raise
+        log.info("%s: writes now go to the overlay %s", old, path or f"fd {fd}")
+        return {"path": path, "backing": old, "capacity": self.backend.capacity}
 
     def stats(self) -> dict:
         out = super().stats()

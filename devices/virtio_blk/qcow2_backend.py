@@ -18,6 +18,7 @@ probe would read guest-written metadata: QEMU's lesson, CVE-2008-2004).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 from devices.virtio_blk.backend import BlockBackend
@@ -151,15 +152,26 @@ class Qcow2Backend:
         if self.read_only:
             raise ValueError("a read-only disk has no overlay to switch to")
         old = self.image
-        old.flush()
-        overlay = Qcow2Image(fd, path, read_only=False, backing=None, sync=old.sync)
+        try:
+            overlay = Qcow2Image(os.dup(fd), path, read_only=False, backing=None, sync=old.sync)
+        except (Qcow2Error, OSError) as exc:
+            raise ValueError(f"overlay {path!r}: {exc}") from None
+        why = None
         if overlay.size != old.size:
-            overlay.backing = None
-            raise ValueError(f"overlay size {overlay.size} differs from the disk's {old.size}")
-        # The old image is now a backing file: no more writes to it.
+            why = f"its size {overlay.size} differs from the disk's {old.size}"
+        elif not overlay.h.backing_file:
+            why = "it has no backing file"
+        elif any(overlay.l1):
+            why = "it is not empty"
+        if why:
+            overlay.close()
+            raise ValueError(f"overlay {path!r}: {why}")
+        # Everything acknowledged so far lands in the old image, which from now
+        # on is a read-only backing file: the disk as it was at the switch.
         old.close_for_backing()
         overlay.backing = old
         self.image = overlay
+        os.close(fd)
         self.path = path or self.path
 
     def _error(self, what: str, sector: int, exc: Exception) -> int:

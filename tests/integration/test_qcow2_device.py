@@ -184,3 +184,55 @@ def _mk(path) -> bool:
     with open(path, "wb") as f:
         f.truncate(4 << 20)
     return True
+
+
+@requires_root
+@requires_qemu_img
+def test_switch_to_overlay_checkpoints_the_disk(harness, tmp_path):
+    """The device-side primitive of disk checkpoints: after switch_overlay the
+    old image holds the disk as it was, new writes go to the overlay."""
+    from tests.harness.blk import VirtioBlk, blk_spec
+    from vmmd.disk_overlay import create_overlay, fdpass_pair, send_fd
+    base = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-f", "qcow2", base, "8M")
+    vmm_end, dev_end = fdpass_pair()
+    dev = harness.call(harness.supervisor.add, blk_spec(base, 2, ["format=qcow2"]))
+    dev.fds["fdpass"] = dev_end
+    harness.run(harness.supervisor.start(dev))
+    d = VirtioBlk(harness, 2)
+    d.write(0, b"1" * 65536)
+    with pytest.raises(Exception, match="no overlay fd"):
+        dev.control("device", {"op": "switch_overlay", "args": {"path": "x"}})
+    ov = str(tmp_path / "disk.snap1.qcow2")
+    fd = create_overlay(base, ov)
+    send_fd(vmm_end, fd)
+    os.close(fd)
+    res = dev.control("device", {"op": "switch_overlay", "args": {"path": ov}})
+    assert res["backing"] == base and res["path"] == ov
+    d.write(8, b"2" * 4096)
+    d.flush()
+    assert d.read(0, 16) == b"1" * 4096 + b"2" * 4096
+    # a second overlay may not be one with data in it
+    bad = str(tmp_path / "bad.qcow2")
+    qemu_img("create", "-f", "qcow2", bad, "4M")
+    fd = os.open(bad, os.O_RDWR)
+    send_fd(vmm_end, fd)
+    os.close(fd)
+    with pytest.raises(Exception, match="size"):
+        dev.control("device", {"op": "switch_overlay", "args": {"path": bad}})
+    assert d.read(8, 8) == b"2" * 4096          # still serving from the overlay
+    harness.close()
+    vmm_end.close()
+    assert qemu_img("check", base, check=False).returncode == 0
+    assert qemu_img("check", ov, check=False).returncode == 0
+    raw = str(tmp_path / "expect.raw")
+    with open(raw, "wb") as f:
+        f.write(b"1" * 65536)
+        f.truncate(8 << 20)
+    assert qemu_img("compare", base, raw, check=False).returncode == 0     # the checkpoint
+    with open(raw, "r+b") as f:
+        f.seek(4096)
+        f.write(b"2" * 4096)
+    assert qemu_img("compare", ov, raw, check=False).returncode == 0       # the live disk
+    info = json.loads(qemu_img("info", "--output=json", ov).stdout)
+    assert info["backing-filename"] == "disk.qcow2"
