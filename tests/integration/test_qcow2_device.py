@@ -236,3 +236,38 @@ def test_switch_to_overlay_checkpoints_the_disk(harness, tmp_path):
     assert qemu_img("compare", ov, raw, check=False).returncode == 0       # the live disk
     info = json.loads(qemu_img("info", "--output=json", ov).stdout)
     assert info["backing-filename"] == "disk.qcow2"
+
+
+@requires_root
+@requires_qemu_img
+def test_hostile_metadata_is_an_io_error_not_a_crash(harness, tmp_path):
+    import struct
+    from tests.harness.blk import S_IOERR, S_OK
+    q = str(tmp_path / "h.qcow2")
+    qemu_img("create", "-f", "qcow2", q, "4M")
+    with open(tmp_path / "d.raw", "wb") as f:
+        f.write(os.urandom(4 << 20))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(tmp_path / "d.raw"), q)
+    info = json.loads(qemu_img("map", "--output=json", q).stdout)
+    with open(q, "r+b") as f:
+        f.seek(0x28)
+        l1 = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & ~(1 << 63)
+        f.seek(l2 + 8)                                   # guest cluster 1: past the file
+        f.write(struct.pack(">Q", (1 << 63) | (1 << 40)))
+    assert info
+    dev, d = _attach(harness, q, 2, ["format=qcow2"])
+    r = d.submit_read(128, 8)                            # 64 KiB: cluster 1
+    assert d.status_of(r) == S_IOERR
+    r = d.submit_write(128, b"x" * 4096)
+    assert d.status_of(r) in (S_IOERR, S_OK)
+    assert d.read(0, 8) == open(tmp_path / "d.raw", "rb").read(4096)   # the rest still works
+    assert dev.state == "running"
+    # a header the device cannot accept: it refuses to start, saying why
+    bad = tmp_path / "bad.qcow2"
+    data = bytearray(open(q, "rb").read(1 << 16))
+    data[4:8] = struct.pack(">I", 9)
+    bad.write_bytes(data)
+    with pytest.raises(Exception):
+        _attach(harness, str(bad), 3, ["format=qcow2"])
