@@ -535,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 1
     except (Qcow2Error, OSError) as exc:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         where = f" {exc.filename!r}" if isinstance(exc, OSError) and exc.filename else ""
