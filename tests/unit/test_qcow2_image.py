@@ -335,3 +335,44 @@ def test_refcounts_at_their_maximum(tmp_path):
         img.write_compressed(2 << 20, bytes(65536))
     img._refcount_set(0x10000, 1)
     img.close()
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("opts,writable", [
+    ("compat=0.10", False), ("refcount_bits=1", False), ("refcount_bits=64", False),
+    ("lazy_refcounts=on", True), ("cluster_size=512", True), ("cluster_size=2M", True),
+    ("compression_type=zstd", True)])
+def test_qemu_img_variants(tmp_path, opts, writable):
+    raw = tmp_path / "s.raw"
+    data = os.urandom(1 << 20) + bytes(1 << 20) + os.urandom(1 << 20)
+    raw.write_bytes(data)
+    q = str(tmp_path / "t.qcow2")
+    subprocess.run([QEMU_IMG, "convert", "-O", "qcow2", "-o", opts, str(raw), q], check=True)
+    img = open_image(q)
+    assert img.read(0, len(data)) == data
+    img.close()
+    if not writable:
+        with pytest.raises(Qcow2Error, match="read-only"):
+            open_image(q, read_only=False)
+        return
+    img = open_image(q, read_only=False)
+    img.write(12345, b"w" * 100000)
+    img.close()
+    assert qemu_check(q) == 0
+
+
+@needs_qemu_img
+def test_internal_snapshots_read_only_and_checked(tmp_path):
+    q = str(tmp_path / "s.qcow2")
+    subprocess.run([QEMU_IMG, "create", "-f", "qcow2", q, "4M"], check=True, capture_output=True)
+    img = open_image(q, read_only=False)
+    img.write(0, b"a" * 200000)
+    img.close()
+    subprocess.run([QEMU_IMG, "snapshot", "-c", "s1", q], check=True)
+    with pytest.raises(Qcow2Error, match="internal snapshots"):
+        open_image(q, read_only=False)
+    img = open_image(q)
+    assert img.read(0, 4) == b"aaaa"
+    res = img.check()
+    img.close()
+    assert res["leaks"] == 0 and res["corruptions"] == 0
