@@ -58,6 +58,8 @@ def _count(img, fix_mode: str | None) -> dict:
             else:
                 add(off, cs, f"refcount block {ti}")
 
+    budget = [MAX_CHECK_L2_TABLES]
+
     def walk(l1_entries, l1_off: int, active: bool) -> None:
         add(l1_off, len(l1_entries) * 8, "L1 table")
         prev_host = None
@@ -65,6 +67,9 @@ def _count(img, fix_mode: str | None) -> dict:
             l2 = e & fmt.L1E_OFFSET_MASK
             if not l2:
                 continue
+            budget[0] -= 1
+            if budget[0] < 0:   # hostile snapshot tables: bounded work
+                raise Qcow2Error("too many L2 table references to check")
             if l2 % cs or e & fmt.L1E_RESERVED:
                 corrupt(f"L2 table offset {l2:#x} (L1 entry {i1}) is invalid")
                 continue
@@ -124,6 +129,7 @@ def _count(img, fix_mode: str | None) -> dict:
 
 
 MAX_CHECK_CLUSTERS = 1 << 28   # bounds the reference counts array (1 GiB)
+MAX_CHECK_L2_TABLES = 1 << 20  # L2 tables read (shared ones once per reference)
 
 
 def _compare(img, refs, nclusters, res) -> list:

@@ -515,16 +515,21 @@ def fuzz_parse(data: bytes) -> None:
     size = len(data)
     h = parse_header(data[:2 << 20], size)
     cs = h.cluster_size
+    seen: set = set()     # each table / compressed cluster once: work stays O(len(data))
     for i in range(h.l1_size):
         e, = struct.unpack_from(">Q", data, h.l1_table_offset + 8 * i)
         l2 = l1_entry_offset(e, h, size)
-        if not l2:
+        if not l2 or l2 in seen:
             continue
+        seen.add(l2)
         for j in range(h.l2_entries):
             kind, off, n = decode_l2_entry(struct.unpack_from(">Q", data, l2 + 8 * j)[0], h)
-            if kind == COMPRESSED:
+            if kind == COMPRESSED and (off, n) not in seen:
+                seen.add((off, n))
                 if off + n > size:
                     raise Qcow2Error("compressed cluster lies outside the file")
+                if len(seen) > 64:
+                    continue   # bounded fuzzing cost: a few decompressions per input
                 decompress(data[off:off + n], h.compression_type, cs)
     for i in range(h.refcount_table_clusters * cs // 8):
         e, = struct.unpack_from(">Q", data, h.refcount_table_offset + 8 * i)

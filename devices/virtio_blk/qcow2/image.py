@@ -29,6 +29,8 @@ import ctypes
 import errno
 import os
 import struct
+import sys
+from array import array
 from collections import OrderedDict, deque
 
 from devices.virtio_blk.qcow2 import format as fmt
@@ -142,6 +144,20 @@ def pwrite_from(fd: int, views: list, offset: int) -> None:
             views = [views[0][n:]] + views[1:]
 
 
+def _be_array(data: bytes) -> array:
+    a = array("Q", data)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a
+
+
+def _be_bytes(a: array) -> bytes:
+    if sys.byteorder == "little":
+        a = array("Q", a)
+        a.byteswap()
+    return a.tobytes()
+
+
 def _fill_zero(views: list) -> None:
     for v in views:
         v[:] = bytes(len(v))
@@ -216,9 +232,10 @@ class Qcow2Image:
         self.cb = h.cluster_bits
         self.size = h.size
         self._check_writable(h, head)
-        self.l1 = list(struct.unpack(f">{h.l1_size}Q", self._read_meta(h.l1_table_offset, h.l1_size * 8)))
+        # arrays, not lists: 8 bytes per entry (an L1 table may have 4 Mi entries)
+        self.l1 = _be_array(self._read_meta(h.l1_table_offset, h.l1_size * 8))
         nref = h.refcount_table_clusters * self.cs // 8
-        self.reftable = list(struct.unpack(f">{nref}Q", self._read_meta(h.refcount_table_offset, nref * 8)))
+        self.reftable = _be_array(self._read_meta(h.refcount_table_offset, nref * 8))
         self.meta = {0}
         self._add_meta(h.l1_table_offset, h.l1_size * 8)
         self._add_meta(h.refcount_table_offset, nref * 8)
@@ -468,7 +485,7 @@ class Qcow2Image:
             if not new_ranges or new_ranges[-1] < n:
                 break
             n = new_ranges[-1] + 1
-        table = self.reftable + [0] * (n - len(self.reftable))
+        table = self.reftable + array("Q", bytes(8 * (n - len(self.reftable))))
         table_off = self.end
         blocks = {t: table_off + (k + j) * cs for j, t in enumerate(new_ranges)}
         contents = {t: bytearray(cs) for t in new_ranges}
@@ -481,7 +498,7 @@ class Qcow2Image:
         for t, off in blocks.items():
             os.pwrite(self.fd, contents[t], off)
             table[t] = off
-        os.pwrite(self.fd, struct.pack(f">{n}Q", *table), table_off)
+        os.pwrite(self.fd, _be_bytes(table), table_off)
         self.end = table_off + (k + m) * cs
         self.file_size = max(self.file_size, self.end)
         self._barrier()
