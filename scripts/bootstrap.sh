@@ -12,7 +12,6 @@ command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
 command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
 command -v cpio >/dev/null || need_apt+=(cpio)      # cross-checks the initramfs writer
 command -v fio >/dev/null || need_apt+=(fio)        # host baseline of bench/virtio_blk.py
-command -v qemu-img >/dev/null || need_apt+=(qemu-utils)  # the qcow2 oracle (tests)
 command -v ip >/dev/null || need_apt+=(iproute2)    # network namespaces for the virtio-net tests
 command -v iasl >/dev/null || need_apt+=(acpica-tools)  # disassembles vmmd's ACPI tables in tests
 command -v qemu-img >/dev/null || need_apt+=(qemu-utils)  # qcow2 oracle
