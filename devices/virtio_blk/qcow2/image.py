@@ -914,13 +914,12 @@ class Qcow2Image:
         """Rewrite the header with another backing file name (rebase -u)."""
         if self.read_only:
             raise Qcow2Error("image is read-only")
-        old_len = self.h.header_length + 8
-        head = os.pread(self.fd, self.cs, 0)
+        old = os.pread(self.fd, self.cs, 0)
         self.h.backing_file, self.h.backing_format = name, backing_format if name else None
         new = fmt.encode_header(self.h)
-        os.pwrite(self.fd, new + bytes(max(0, min(self.cs, len(head)) - len(new))), 0)
+        # One write of the whole header cluster: the old name's bytes are zeroed.
+        os.pwrite(self.fd, new + bytes(max(0, len(old) - len(new))), 0)
         self._barrier()
-        del old_len
 
     def check(self, fix: str | None = None) -> dict:
         """Recount every reference and compare with the refcounts.
