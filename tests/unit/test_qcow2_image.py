@@ -376,3 +376,45 @@ def test_internal_snapshots_read_only_and_checked(tmp_path):
     res = img.check()
     img.close()
     assert res["leaks"] == 0 and res["corruptions"] == 0
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("cluster", [512, 65536])
+def test_writes_over_compressed_clusters(tmp_path, cluster):
+    """Copy-on-write of compressed clusters (several share a host cluster):
+    the data is right and the refcounts of the shared clusters drop right."""
+    raw = tmp_path / "s.raw"
+    rnd = random.Random(cluster)
+    data = bytearray(b"".join(bytes([rnd.randrange(4)]) * 256 for _ in range(4 << 20 >> 8)))
+    raw.write_bytes(data)
+    q = str(tmp_path / "c.qcow2")
+    subprocess.run([QEMU_IMG, "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cluster}",
+                    str(raw), q], check=True)
+    img = open_image(q, read_only=False)
+    for _ in range(60):
+        off = rnd.randrange(len(data) - 3000)
+        n = rnd.randrange(1, 3000)
+        kind = rnd.random()
+        if kind < 0.6:
+            chunk = rnd.randbytes(n)
+            img.write(off, chunk)
+            data[off:off + n] = chunk
+        elif kind < 0.8:
+            img.write_zeroes(off, n)
+            data[off:off + n] = bytes(n)
+        else:
+            img.discard(off, n)
+            a, b = -(-off // cluster) * cluster, (off + n) // cluster * cluster
+            if b > a:
+                data[a:b] = bytes(b - a)
+    assert img.read(0, len(data)) == bytes(data)
+    img.close()
+    assert qemu_check(q) == 0
+    assert subprocess.run([QEMU_IMG, "compare", q, str(_save(tmp_path, data))],
+                          capture_output=True).returncode == 0
+
+
+def _save(tmp_path, data) -> str:
+    p = tmp_path / "expect.raw"
+    p.write_bytes(bytes(data))
+    return str(p)
