@@ -481,6 +481,8 @@ class VirtioBlkDevice(VirtioDevice):
         out["blk"] = {"capacity": self.backend.capacity, "read_only": self.opts.read_only,
                       "cache": self.opts.cache, "direct": self.backend.dfd is not None,
                       "format": getattr(self.backend, "image_format", "raw"),
+                      **({"qcow2": self.backend.qcow2_stats()}
+                         if hasattr(self.backend, "qcow2_stats") else {}),
                       "writethrough": self.core.writethrough,
                       "backend_errors": self.backend.errors,
                       "total": self.core.totals(), "per_queue": [dict(s) for s in self.core.stats]}

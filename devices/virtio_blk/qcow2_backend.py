@@ -142,6 +142,17 @@ class Qcow2Backend:
             return self._error("write_zeroes", 0, exc)
         return S_OK
 
+    def qcow2_stats(self) -> dict:
+        img = self.image
+        chain = []
+        b = img.backing
+        while b is not None and len(chain) < 32:
+            chain.append({"path": b.path, "format": b.format})
+            b = getattr(b, "backing", None)
+        return {"path": self.path, "cluster_size": img.cs, "file_size": img.file_size,
+                "l2_cache_tables": len(img.l2_cache), "pending_frees": len(img.pending_free),
+                "lazy_refcounts": img.lazy, "backing_chain": chain}
+
     # --- disk checkpoints ----------------------------------------------------------------
 
     def switch_to_overlay(self, fd: int, path: str = "") -> None:

@@ -126,8 +126,11 @@ class TestQcow2Device:
                         f"of={tmp_path / 'unused.qcow2'}", "bs=64k", "count=1"], capture_output=True)
         top = str(tmp_path / "top.qcow2")
         qemu_img("create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
-        _, d = _attach(harness, top, 2, ["format=qcow2"])
+        dev, d = _attach(harness, top, 2, ["format=qcow2"])
         assert d.read(0, 64) == base_data[:64 * SECTOR]
+        blk = dev.control("stats", {})["blk"]
+        assert blk["format"] == "qcow2"
+        assert [b["format"] for b in blk["qcow2"]["backing_chain"]] == ["qcow2", "qcow2"]
         d.write(10, b"x" * SECTOR)
         d.flush()
         expect = bytearray(base_data)
