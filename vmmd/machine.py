@@ -50,8 +50,14 @@ def virtio_blk_queues(args, where: str) -> int:
 
 
 class Machine:
-    def __init__(self, cfg):
+    def __init__(self, cfg, memory: GuestMemory | None = None, restore=None):
         self.cfg = cfg
+        # --restore: a vmmd.snapshot.restore.Prepared (its RAM already loaded into `memory`)
+        self.restore_from = restore
+        self.snapshot_progress: dict | None = None  # snapshot.create in progress (vm.info)
+        self.snapshot_base: str | None = None  # id of the snapshot diffs can be taken from
+        self._dirty_logging = False
+        self.time_plan = None
         self.state = "created"
         self.exit_code = 0
         self.started_at = time.monotonic()
@@ -59,7 +65,7 @@ class Machine:
         self._done: asyncio.Future | None = None
         self._transition = asyncio.Lock()
         self.kvm = Kvm()
-        self.memory = GuestMemory.create(cfg.memory)
+        self.memory = memory if memory is not None else GuestMemory.create(cfg.memory)
         self.iospace = IoSpaceMap()
         self.assists = assists.AssistSet(self._assists_enabled())
         self.reset_control = ResetControl(self._vcpu_reset)
@@ -102,7 +108,13 @@ class Machine:
                 if spec.kind == "virtio_net":
                     dev.fds.update(self._open_net_backend(spec))
                 await self.supervisor.start(dev)
+            if self.restore_from is not None:
+                from vmmd.snapshot import restore as snaprestore
+                await snaprestore.restore_devices(self, self.restore_from.tip)
             self._build_vm()
+            if self.restore_from is not None:
+                from vmmd.snapshot import create as snapcreate
+                snapcreate.start_tracking(self, self.restore_from.tip.id)
             self._start_vcpus()
             self.state = "running"
             self.started_at = time.monotonic()
@@ -205,6 +217,10 @@ class Machine:
         self.vm = vm
         self.pci.attach_vm(vm)  # GSI routes, INTx/MSI-X irqfds, BAR windows and ioeventfds
         self.vcpus = [vm.create_vcpu(i) for i in range(self.cfg.cpus)]
+        if self.restore_from is not None and self.resets == 0:
+            from vmmd.snapshot import restore as snaprestore
+            snaprestore.restore_vm(self, self.restore_from.tip, self.restore_from.clock_mode)
+            return
         boot_setup.load_guest(self.cfg, self.memory, self.vcpus, self.kvm, self.assists.enabled,
                               pci_irqs=self.pci.pci_irqs())
 
@@ -307,6 +323,8 @@ class Machine:
             "resets": self.resets,
             "assists": dict(self.assists.counts),
             "protocol": PROTOCOL_VERSION,
+            "snapshot": self.snapshot_progress,
+            "restored_from": self.restore_from.tip.path if self.restore_from else None,
         }
 
     def devices(self) -> list[dict]:
@@ -334,6 +352,20 @@ class Machine:
             self.control.resume()
             self.state = "running"
 
+    async def snapshot(self, path: str, resume: bool = True, diff_from: str | None = None) -> dict:
+        """JSON-RPC snapshot.create (vmmd/snapshot/create.py)."""
+        from vmmd.snapshot import create as snapcreate
+        from vmmd.snapshot.format import SnapshotError
+        async with self._transition:
+            if self.state not in ("running", "paused"):
+                raise VmStateError(f"cannot snapshot a VM that is {self.state}")
+            try:
+                return await snapcreate.create(self, path, resume, diff_from)
+            except SnapshotError as exc:
+                raise VmStateError(f"snapshot failed: {exc}") from None
+            finally:
+                self.snapshot_progress = None
+
     async def reset(self) -> None:
         async with self._transition:
             if self.state not in ("running", "paused"):
@@ -342,6 +374,7 @@ class Machine:
             await self._stop_vcpus()
             self._close_vm()
             self.memory.clear()
+            self.snapshot_base, self._dirty_logging = None, False  # new memslots: no dirty log
             self.acpi_sleep.reset()
             for dev in self.supervisor.devices.values():
                 try:
