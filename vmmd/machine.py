@@ -115,8 +115,11 @@ class Machine:
             if self.restore_from is not None:
                 from vmmd.snapshot import create as snapcreate
                 snapcreate.start_tracking(self, self.restore_from.tip.id)
-            self._start_vcpus()
-            self.state = "running"
+            paused = self.restore_from is not None and self.restore_from.paused
+            if paused:
+                self.control.pause(0)  # the vCPU threads park before their first KVM_RUN
+            self._start_vcpus(keep_control=paused)
+            self.state = "paused" if paused else "running"
             self.started_at = time.monotonic()
             return await self._done
         finally:
@@ -224,8 +227,9 @@ class Machine:
         boot_setup.load_guest(self.cfg, self.memory, self.vcpus, self.kvm, self.assists.enabled,
                               pci_irqs=self.pci.pci_irqs())
 
-    def _start_vcpus(self) -> None:
-        self.control = RunControl()
+    def _start_vcpus(self, keep_control: bool = False) -> None:
+        if not keep_control:
+            self.control = RunControl()
         events = VcpuEvents(reset=self._vcpu_reset, shutdown=self._vcpu_shutdown, failed=self._vcpu_failed)
         self.threads = [VcpuThread(v, self.iospace, self.control, events, self.assists) for v in self.vcpus]
         for t in self.threads:

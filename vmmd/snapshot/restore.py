@@ -38,6 +38,7 @@ class RestoreRequest:
     disks: dict | None = None
     nets: dict | None = None
     consoles: dict | None = None
+    paused: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,8 +65,10 @@ def parse_restore_args(argv: list[str]) -> RestoreRequest:
     p.add_argument("--disk", action="append", default=[], metavar="SLOT=PATH")
     p.add_argument("--net", action="append", default=[], metavar="SLOT=tap=NAME|socket=PATH")
     p.add_argument("-l", "--console", action="append", default=[], metavar="SPEC")
+    p.add_argument("--paused", action="store_true", help="leave the vCPUs paused (vm.resume starts them)")
     ns = p.parse_args(argv)
-    req = RestoreRequest(path=ns.restore, clock=_choice(ns.clock, "--clock", clock.CLOCK_MODES))
+    req = RestoreRequest(path=ns.restore, clock=_choice(ns.clock, "--clock", clock.CLOCK_MODES),
+                         paused=ns.paused)
     if ns.api_socket is not None:
         _check_socket_path(ns.api_socket, "--api-socket")
         req.api_socket = ns.api_socket
@@ -99,6 +102,7 @@ class Prepared:
     chain: list
     memory: GuestMemory
     clock_mode: str
+    paused: bool = False
 
     @property
     def tip(self):
@@ -131,7 +135,7 @@ def prepare(req: RestoreRequest) -> Prepared:
     except BaseException:
         memory.close()
         raise
-    return Prepared(cfg, chain, memory, req.clock)
+    return Prepared(cfg, chain, memory, req.clock, req.paused)
 
 
 def check_sections(snap, cfg: VmConfig) -> None:
