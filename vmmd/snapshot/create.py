@@ -23,16 +23,13 @@ import numpy as np
 import vmmd
 from vmmd.kvm import abi
 from vmmd.snapshot import clock, config_io, machine_state
+from vmmd.snapshot import devices as devstate
 from vmmd.snapshot import format as fmt
 from vmmd.snapshot import ram as ramio
 from vmmd.snapshot.format import SnapshotError
 from vmmd.snapshot.store import SnapshotWriter, read_manifest
 
 log = logging.getLogger(__name__)
-
-
-def instance_of(dev) -> str:
-    return f"{dev.spec.slot}.{dev.spec.function}"
 
 
 # -- dirty tracking ---------------------------------------------------------------------
@@ -86,15 +83,7 @@ def dirty_mask(machine) -> np.ndarray:
 def save_vm_section(machine) -> dict:
     state = machine_state.save_irqchips(machine.vm)
     state["clock"] = clock.save_clock(machine.vm, machine.vcpus)
-    pci = {}
-    for (slot, function), f in sorted(machine.pci.functions.items()):
-        if f.msix is None:
-            continue
-        pci[f"{slot}.{function}"] = {
-            "msix_table": fmt.b64(bytes(f.msix.table)),
-            "pending": [v for v in range(f.msix.vectors) if f.msix.pending(v)],
-        }
-    state["pci"] = pci
+    state["pci"] = devstate.save_pci(machine.pci)
     state["ncpus"] = len(machine.vcpus)
     return state
 
@@ -126,14 +115,7 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         paused_at = time.monotonic()
         progress["phase"] = "devices"
 
-        async def call(dev, op, args=None):
-            return await loop.run_in_executor(None, dev.control, op, args or {})
-
-        try:
-            await asyncio.gather(*(call(d, "quiesce") for d in devices))
-            states = await asyncio.gather(*(call(d, "save") for d in devices))
-        except Exception as exc:
-            raise SnapshotError(f"a device could not save its state: {exc}") from None
+        states = await devstate.save_devices(devices)
         progress["phase"] = "vcpus"
         kvm = machine.kvm
         msrs = kvm.msr_index_list()
@@ -166,7 +148,7 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
             for st in vcpu_states:
                 writer.add_json("vcpu", str(st["index"]), st)
             for dev, st in zip(devices, states):
-                writer.add_json("device", instance_of(dev), st, device_kind=dev.spec.kind, device_id=dev.spec.id)
+                writer.add_json("device", devstate.instance_of(dev), st, device_kind=dev.spec.kind, device_id=dev.spec.id)
             writer.commit({
                 "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
                 "vmmd_version": vmmd.__version__, "id": snap_id,
@@ -195,12 +177,7 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
 
 
 async def _resume(machine, devices, vcpus: bool) -> None:
-    loop = asyncio.get_running_loop()
-    for dev in devices:
-        try:
-            await loop.run_in_executor(None, dev.control, "resume", {})
-        except Exception as exc:
-            log.warning("device %s did not resume: %s", dev.spec.id, exc)
+    await devstate.resume_devices(devices, log)
     if vcpus and machine.state == "paused":
         clock.kvmclock_ctrl_all(machine.vcpus)
         machine.control.resume()

@@ -21,6 +21,8 @@ from vmmd.config import (CONSOLE_PORTS, LOG_LEVELS, SANDBOX_MODES, ConfigError, 
                          _check_socket_path, _choice, _float, _readable_file, parse_console)
 from vmmd.guest_memory import GuestMemory, GuestMemoryError, MemoryLayout
 from vmmd.snapshot import clock, config_io, machine_state, store
+from vmmd.snapshot import devices as devstate
+from vmmd.snapshot.devices import RestoreError
 from vmmd.snapshot import format as fmt
 from vmmd.snapshot.format import SnapshotError
 
@@ -168,45 +170,12 @@ def check_sections(snap, cfg: VmConfig) -> None:
 
 
 # -- inside the Machine ---------------------------------------------------------------------
-class RestoreError(SnapshotError):
-    pass
-
-
 async def restore_devices(machine, snap) -> None:
-    """Give every (freshly started) device process its saved state, concurrently;
-    then vmmd's MSI-X tables. Before the VM exists."""
-    import asyncio
-    loop = asyncio.get_running_loop()
-    devs = list(machine.supervisor.devices.values())
-
-    async def one(dev):
-        inst = f"{dev.spec.slot}.{dev.spec.function}"
-        state = snap.payload("device", inst)
-        try:
-            await loop.run_in_executor(None, dev.control, "restore", {"state": state})
-        except Exception as exc:
-            raise RestoreError(f"device {dev.spec.id} (slot {inst}) refused its saved state: {exc}") from None
-    await asyncio.gather(*(one(d) for d in devs))
-    pci = snap.payload("vm", "vm")["pci"]
-    for (slot, function), f in machine.pci.functions.items():
-        p = pci.get(f"{slot}.{function}")
-        if f.msix is None:
-            continue
-        if p is None:
-            raise RestoreError(f"no MSI-X state for PCI function {slot}.{function}")
-        table = fmt.unb64(p["msix_table"], "MSI-X table")
-        if len(table) != len(f.msix.table):
-            raise RestoreError(f"MSI-X table of {slot}.{function} has {len(table)} bytes, "
-                               f"the device {len(f.msix.table)}")
-        with f.msix._lock:
-            f.msix.table[:] = table
-            for v in p["pending"]:
-                if type(v) is not int or not 0 <= v < f.msix.vectors:
-                    raise RestoreError(f"bad pending MSI-X vector {v!r}")
-                if f.msix.irqfds is not None:
-                    os.eventfd_write(f.msix.irqfds[v], 1)
-                else:
-                    f.msix._pending.add(v)
+    """Every (freshly started) device process gets its saved state, then vmmd's
+    MSI-X tables; before the VM exists."""
+    states = {s.instance: snap.payload("device", s.instance) for s in snap.sections if s.kind == "device"}
+    await devstate.restore_devices(list(machine.supervisor.devices.values()), states)
+    devstate.restore_pci(machine.pci, snap.payload("vm", "vm")["pci"])
 
 
 def restore_vm(machine, snap, clock_mode: str) -> None:
