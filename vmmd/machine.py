@@ -329,6 +329,7 @@ class Machine:
             "protocol": PROTOCOL_VERSION,
             "snapshot": self.snapshot_progress,
             "restored_from": self.restore_from.tip.path if self.restore_from else None,
+            "restore_time": vars(self.time_plan) if self.time_plan else None,
         }
 
     def devices(self) -> list[dict]:

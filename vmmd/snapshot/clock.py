@@ -83,6 +83,7 @@ class TimePlan:
     elapsed_ns: int
     method: str        # "tsc-offset-attr" or "ia32-tsc"
     clock: str         # "kvm-realtime" or "vmmd-realtime" or "frozen"
+    tsc_controlled: bool = True  # False: KVM ignored the write (PVM: the guest TSC is the host's)
 
 
 def elapsed_ns(state: dict, mode: str, now_ns: int | None = None) -> int:
@@ -137,9 +138,20 @@ def restore_clock(vm, vcpus, state: dict, mode: str) -> TimePlan:
         for v in vcpus:
             v.set_msrs({MSR_IA32_TSC: value})
         method = "ia32-tsc"
-    plan = TimePlan(mode, elapsed, method, how)
+    plan = TimePlan(mode, elapsed, method, how, tsc_applied(vcpus[0], state, guest_dest))
     log.info("guest time: %s, %.3f s elapsed, TSC by %s, kvmclock by %s", mode, elapsed / 1e9, method, how)
+    if not plan.tsc_controlled:
+        log.warning("this host's KVM ignores guest TSC writes (PVM runs guest rdtsc natively): "
+                    "the guest TSC follows the host's; kvmclock is %s", how)
     return plan
+
+
+def tsc_applied(vcpu, state: dict, guest_dest_ns: int) -> bool:
+    """Whether the guest TSC now is what was asked (saved TSC plus the time kvmclock
+    moved on), within 50 ms: some KVMs (PVM) accept the write and ignore it."""
+    want = state["guest_tsc"] + (guest_dest_ns - state["kvmclock_ns"]) * state["tsc_khz"] // 1_000_000
+    now = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+    return abs(now - want) < 50 * state["tsc_khz"]
 
 
 def kvmclock_ctrl_all(vcpus) -> None:
