@@ -56,6 +56,8 @@ async def _serve(cfg, prepared=None) -> int:
 def _restore_or_exit(argv: list[str]):
     """`vmmd --restore DIR ...`: the restore command line and the whole snapshot,
     checked before anything starts (vmmd/snapshot/restore.py)."""
+    import time
+    entered = time.monotonic()
     from vmmd.config import ConfigError
     from vmmd.snapshot import restore
     from vmmd.snapshot.format import SnapshotError
@@ -68,6 +70,7 @@ def _restore_or_exit(argv: list[str]):
     except OSError as exc:
         print(f"vmmd: error: snapshot: {exc}", file=sys.stderr)
         sys.exit(2)
+    prepared.timings["main_at"] = entered
     return prepared.cfg, prepared
 
 

@@ -120,6 +120,12 @@ class Machine:
                 self.control.pause(0)  # the vCPU threads park before their first KVM_RUN
             self._start_vcpus(keep_control=paused)
             self.state = "paused" if paused else "running"
+            if self.restore_from is not None:
+                t = self.restore_from.timings or {}
+                now = time.monotonic()
+                log.info("restore: vCPUs started at monotonic %.6f, %.1f ms after main() "
+                         "(snapshot checks %.1f ms, RAM %.1f ms)", now,
+                         (now - t.get("main_at", now)) * 1000, t.get("verify", 0), t.get("ram", 0))
             self.started_at = time.monotonic()
             return await self._done
         finally:

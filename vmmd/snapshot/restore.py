@@ -105,6 +105,7 @@ class Prepared:
     memory: GuestMemory
     clock_mode: str
     paused: bool = False
+    timings: dict | None = None  # ms: "verify" (manifest and JSON sections), "ram" (load + digest)
 
     @property
     def tip(self):
@@ -113,6 +114,8 @@ class Prepared:
 
 def prepare(req: RestoreRequest) -> Prepared:
     """Verify the snapshot (chain) and load its RAM; SnapshotError on anything wrong."""
+    import time
+    t0 = time.monotonic()
     chain = store.open_chain(req.path)
     tip = chain[-1]
     cfg = config_io.config_from_json(tip.manifest["config"])
@@ -133,11 +136,13 @@ def prepare(req: RestoreRequest) -> Prepared:
     try:
         if layout != memory.layout:
             raise SnapshotError("manifest memory layout differs from this vmmd's layout for that size")
+        t1 = time.monotonic()
         store.load_chain_ram(chain, memory._view, memory.size)
     except BaseException:
         memory.close()
         raise
-    return Prepared(cfg, chain, memory, req.clock, req.paused)
+    timings = {"verify": (t1 - t0) * 1000, "ram": (time.monotonic() - t1) * 1000}
+    return Prepared(cfg, chain, memory, req.clock, req.paused, timings)
 
 
 def check_sections(snap, cfg: VmConfig) -> None:
