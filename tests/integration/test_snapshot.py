@@ -350,3 +350,48 @@ def test_device_refusing_its_state_tears_everything_down(tmp_path, good_snapshot
     assert len(errors) == 1 and "refused its saved state" in errors[0], err
     time.sleep(0.5)
     assert _procs_mentioning(str(tmp_path / "r")) == []  # no device process left behind
+
+
+def test_vm_with_two_disks_two_nics_and_a_balloon_restores_with_overrides(tmp_path, test_guests):
+    from devices.virtio_net.switch import Switch
+    disks = []
+    for i in range(2):
+        p = tmp_path / f"disk{i}.img"
+        p.write_bytes(bytes([i + 1]) * (1 << 20))
+        disks.append(p)
+    sw_path = str(tmp_path / "sw.sock")
+    with Switch(sw_path):
+        vm = start(tmp_path / "a", test_guests["ticker"],
+                   "-s", f"2,virtio-blk,{disks[0]}", "-s", f"3,virtio-blk,{disks[1]},num_queues=2",
+                   "-s", f"4,virtio-net,socket={sw_path}", "-s", f"5,virtio-net,socket={sw_path}",
+                   "-s", "6,virtio-balloon")
+        try:
+            vm.wait_api()
+            vm.wait_for("PING 1\n", 60)
+            vm.rpc("snapshot.create", {"path": str(tmp_path / "s")})
+        finally:
+            kill(vm)
+        m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+        devs = {s["instance"]: s["device_kind"] for s in m["sections"] if s["kind"] == "device"}
+        assert devs == {"2.0": "virtio_blk", "3.0": "virtio_blk", "4.0": "virtio_net", "5.0": "virtio_net",
+                        "6.0": "virtio_balloon", "31.0": "lpc"}
+        macs = [a for s in m["config"]["slots"] for a in s["args"] if a.startswith("mac=")]
+        assert len(set(macs)) == 2  # generated MACs made explicit: the NICs come back as they were
+        moved = tmp_path / "moved0.img"
+        shutil.copy(disks[0], moved)
+        vm2 = restore(tmp_path / "b", tmp_path / "s", "--disk", f"2={moved}")
+        try:
+            vm2.wait_api()
+            n = len(vm2.output())
+            vm2.wait_for("PING", 60, start=n)
+            listed = {d["id"]: d["state"] for d in vm2.rpc("device.list")}
+            assert set(listed.values()) == {"running"} and len(listed) == 6
+            cfg_slots = {s["slot"]: s["args"] for s in json.loads(
+                (tmp_path / "s" / "manifest.json").read_text())["config"]["slots"]}
+            assert cfg_slots[2][0] == str(disks[0])
+            # the override took effect: slot 2's device has the moved image open
+            pid = next(d["pid"] for d in vm2.rpc("device.list") if d["id"] == "virtio-blk2")
+            opened = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert str(moved) in opened and str(disks[0]) not in opened
+        finally:
+            kill(vm2)

@@ -187,3 +187,90 @@ def test_uart_and_rtc_state_survive(tmp_path):
         a.close()
         if b is not None:
             b.close()
+
+
+def test_two_nics_of_one_kind_keep_their_own_state(tmp_path):
+    from devices.virtio_net.backend import open_socket_port
+    from devices.virtio_net.switch import Switch
+    from tests.harness.net import BROADCAST, VirtioNet, add_net_device, eth, net_spec
+    path = str(tmp_path / "switch.sock")
+    macs = {3: "52:54:00:00:00:0a", 4: "52:54:00:00:00:0b"}
+    specs = {slot: net_spec([f"socket={path}"], slot=slot, mac=mac) for slot, mac in macs.items()}
+    with Switch(path):
+        a = Harness(mem_size=64 << 20)
+        b = None
+        try:
+            for slot in (3, 4):
+                add_net_device(a, specs[slot], {"socket": open_socket_port(path)})
+            n3, n4 = VirtioNet(a, slot=3), VirtioNet(a, slot=4)
+            n3.send(eth(BROADCAST, n3.mac, 0x88B5, b"before".ljust(46, b"\0")))
+            assert n4.recv(5) is not None
+            saved, pci, ram = snapshot(a)
+            assert set(saved) == {"3.0", "4.0"} and saved["3.0"] != saved["4.0"]
+            a.close()
+            b = Harness(mem_size=64 << 20)
+            b.memory.write(0, ram)
+            devs = [add_net_device(b, specs[slot], {"socket": open_socket_port(path)}) for slot in (3, 4)]
+            b.run(devstate.restore_devices(devs, saved))
+            b.call(devstate.restore_pci, b.pci, pci)
+            for d in devs:
+                b.call(b.pci.refresh, d)
+            for nic in (n3, n4):
+                retarget(nic, a, b)
+            assert n3.read_mac() == bytes.fromhex("52540000000a")
+            assert n4.read_mac() == bytes.fromhex("52540000000b")
+            # As a guest announces itself after a restore (the switch learned the old ports):
+            n3.send(eth(BROADCAST, n3.mac, 0x88B5, b"announce".ljust(46, b"\0")))
+            got = n4.recv(5)
+            assert got is not None and got[1][14:22] == b"announce"
+            n4.send(eth(n3.mac, n4.mac, 0x88B5, b"after restore".ljust(46, b"\0")))
+            got = n3.recv(5)  # the receive buffers posted before the snapshot are still there
+            assert got is not None and got[1][14:27] == b"after restore"
+        finally:
+            a.close()
+            if b is not None:
+                b.close()
+
+
+def test_balloon_holes_stay_holes(tmp_path):
+    """Ballooned (punched) pages are holes in the snapshot's RAM image and in the
+    restored memfd; the restored device still accounts for them."""
+    from tests.harness.balloon import VirtioBalloon, balloon_spec
+    from vmmd.snapshot import ram as ramio
+    spec = balloon_spec(slot=5, options=["stats_interval=0"])
+    a = Harness(mem_size=64 << 20)
+    b = None
+    try:
+        a.add_device(spec)
+        bl = VirtioBalloon(a, slot=5)
+        pages = bl.alloc_pages(2000)              # touched: non-zero memfd pages
+        for p in pages:
+            a.memory.write(p * ramio.PAGE, b"guest data")
+        bl.inflate(pages[:1500])
+        saved, pci, _ = snapshot(a)
+        mem = a.memory
+        out = os.open(tmp_path / "ram.img", os.O_CREAT | os.O_RDWR, 0o600)
+        digest, written = ramio.save_ram(mem._view, mem.fd, mem.size, out)
+        data_pages = {o // ramio.PAGE + i for o, n in ramio.data_extents(out, mem.size)
+                      for i in range(n // ramio.PAGE)}
+        assert not data_pages & set(pages[:1500])      # ballooned: holes in the image
+        assert set(pages[1500:]) <= data_pages         # the rest is there
+        a.close()
+        b = Harness(mem_size=64 << 20)
+        before = b.memory.allocated_bytes()
+        assert ramio.load_ram(out, b.memory.size, b.memory._view) == digest
+        os.close(out)
+        # only what the image holds was allocated in the new memfd: holes stayed holes
+        assert b.memory.allocated_bytes() - before <= written + (1 << 20)
+        devs = [b.add_device(spec)]
+        b.run(devstate.restore_devices(devs, saved))
+        b.call(devstate.restore_pci, b.pci, pci)
+        b.call(b.pci.refresh, devs[0])
+        info = devs[0].control("device", {"op": "info"})
+        assert info["ballooned_pages"] == 1500
+        assert b.memory.read(pages[1600] * ramio.PAGE, 10) == b"guest data"
+        assert b.memory.read(pages[0] * ramio.PAGE, 10) == bytes(10)
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
