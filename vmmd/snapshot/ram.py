@@ -21,6 +21,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -113,28 +114,44 @@ def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
              include: np.ndarray | None = None, progress=None) -> tuple[str, int]:
     """Write the non-zero pages of guest RAM (`view` over memfd `mem_fd`) to
     `out_fd` at their memfd offsets; only pages set in `include` when given
-    (a diff). Returns (digest, bytes written). The file is truncated to `size`."""
+    (a diff). Returns (digest, bytes written). The file is truncated to `size`.
+
+    Scanning and hashing a chunk overlaps with writing the previous one
+    (hashlib and pwrite release the GIL)."""
     os.ftruncate(out_fd, 0)
     os.ftruncate(out_fd, size)
     digest = RamDigest(size)
     written = 0
-    for start, length in data_extents(mem_fd, size):
-        for cstart in range(start, start + length, CHUNK):
-            clen = min(CHUNK, start + length - cstart)
-            chunk = view[cstart:cstart + clen]
-            mask = nonzero_pages(chunk)
-            if include is not None:
-                first = cstart // PAGE
-                mask &= include[first:first + len(mask)]
-            for first, n in page_runs(mask):
-                off = cstart + first * PAGE
-                data = view[off:off + n * PAGE]
-                digest.add_run(off // PAGE, data)
-                _pwrite_all(out_fd, data, off)
-                written += n * PAGE
-            if progress:
-                progress(cstart + clen)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-write") as writer:
+        pending = None
+        for start, length in data_extents(mem_fd, size):
+            for cstart in range(start, start + length, CHUNK):
+                clen = min(CHUNK, start + length - cstart)
+                chunk = view[cstart:cstart + clen]
+                mask = nonzero_pages(chunk)
+                if include is not None:
+                    first = cstart // PAGE
+                    mask &= include[first:first + len(mask)]
+                runs = []
+                for first, n in page_runs(mask):
+                    off = cstart + first * PAGE
+                    data = view[off:off + n * PAGE]
+                    digest.add_run(off // PAGE, data)
+                    runs.append((data, off))
+                    written += n * PAGE
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_runs, out_fd, runs)
+                if progress:
+                    progress(cstart + clen)
+        if pending is not None:
+            pending.result()
     return digest.hexdigest(), written
+
+
+def _write_runs(fd: int, runs) -> None:
+    for data, off in runs:
+        _pwrite_all(fd, data, off)
 
 
 def _pwrite_all(fd: int, data, off: int) -> None:
@@ -146,25 +163,35 @@ def _pwrite_all(fd: int, data, off: int) -> None:
 def load_ram(in_fd: int, size: int, view: memoryview, mask_out: np.ndarray | None = None) -> str:
     """Read the data extents of sparse image `in_fd` into `view` (same offsets);
     returns the digest of what was read. The file must be exactly `size` bytes.
-    mask_out (bool per page), when given, gets the non-zero pages."""
+    mask_out (bool per page), when given, gets the non-zero pages. Hashing a
+    chunk overlaps with reading the next one."""
     st = os.fstat(in_fd)
     if st.st_size != size:
         raise RamError(f"RAM image is {st.st_size} bytes, expected {size} (truncated?)")
     digest = RamDigest(size)
-    for start, length in data_extents(in_fd, size):
-        for cstart in range(start, start + length, CHUNK):
-            clen = min(CHUNK, start + length - cstart)
-            dest = view[cstart:cstart + clen]
-            got = 0
-            while got < clen:
-                n = os.preadv(in_fd, [dest[got:]], cstart + got)
-                if n <= 0:
-                    raise RamError("RAM image ended early")
-                got += n
-            mask = nonzero_pages(dest)
-            for first, n in page_runs(mask):
-                off = cstart + first * PAGE
-                digest.add_run(off // PAGE, dest[off - cstart:off - cstart + n * PAGE])
+
+    def hash_chunk(cstart: int, dest) -> None:
+        for first, n in page_runs(nonzero_pages(dest)):
+            off = cstart + first * PAGE
+            digest.add_run(off // PAGE, dest[off - cstart:off - cstart + n * PAGE])
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-hash") as hasher:
+        pending = None
+        for start, length in data_extents(in_fd, size):
+            for cstart in range(start, start + length, CHUNK):
+                clen = min(CHUNK, start + length - cstart)
+                dest = view[cstart:cstart + clen]
+                got = 0
+                while got < clen:
+                    n = os.preadv(in_fd, [dest[got:]], cstart + got)
+                    if n <= 0:
+                        raise RamError("RAM image ended early")
+                    got += n
+                if pending is not None:
+                    pending.result()
+                pending = hasher.submit(hash_chunk, cstart, dest)
+        if pending is not None:
+            pending.result()
     if mask_out is not None:
         mask_out[:] = digest.nonzero
     return digest.hexdigest()
