@@ -274,3 +274,39 @@ def test_balloon_holes_stay_holes(tmp_path):
         a.close()
         if b is not None:
             b.close()
+
+
+def test_diff_includes_pages_a_device_wrote(tmp_path, disks):
+    """A diff's page set is KVM's dirty log OR every device's dirty log OR holes:
+    a virtio-blk read landing in guest RAM (written by the device process, not
+    a vCPU, so KVM never sees it) is in the diff."""
+    from types import SimpleNamespace
+    from vmmd.snapshot import create
+    from vmmd.snapshot import ram as ramio
+
+    class NoKvmWrites:  # KVM's log: no vCPU wrote anything
+        def get_dirty_log(self, slot, npages):
+            return bytes((npages + 63) // 64 * 8)
+
+    with open(disks[0], "r+b") as f:
+        f.write(b"D" * 8 * SECTOR)
+    h = Harness(mem_size=64 << 20)
+    try:
+        dev = h.add_device(blk_spec(disks[0], slot=2))
+        disk = VirtioBlk(h, slot=2)
+        req = disk.submit_read(0, 8)
+        disk.complete(req)
+        h.memory.write(req.slot.data + 4096, b"\1")  # make sure the page is not a hole either way
+        machine = SimpleNamespace(memory=h.memory, vm=NoKvmWrites(), supervisor=h.supervisor)
+        dev.harvest_dirty()  # tracking starts here
+        req = disk.submit_read(0, 8)
+        disk.complete(req)
+        assert req.data == b"D" * 8 * SECTOR
+        mask = create.dirty_mask(machine)
+        page = req.slot.data // ramio.PAGE
+        assert mask[page]                                    # the device's write is in the diff
+        assert mask[disk.drv.queues[0].used_gpa // ramio.PAGE]  # and its used ring update
+        quiet = [p for p in range(h.memory.size // ramio.PAGE) if not mask[p]]
+        assert quiet  # pages nobody wrote (data, not holes) are left to the parent
+    finally:
+        h.close()
