@@ -175,3 +175,48 @@ def test_save_and_load_ram_keep_holes(tmp_path):
     m.close()
     for fd in (mfd, out, out2):
         os.close(fd)
+
+
+def _valid_vcpu_state():
+    import ctypes
+    from vmmd.kvm import abi
+    from vmmd.snapshot import machine_state as ms
+
+    def blob(cls):
+        return fmt.b64(bytes(ctypes.sizeof(cls)))
+    return {"index": 0, "regs": {n: 0 for n in ms.REG_NAMES}, "sregs": blob(abi.kvm_sregs),
+            "fpu": blob(abi.kvm_fpu), "lapic": blob(abi.kvm_lapic_state), "events": blob(abi.kvm_vcpu_events),
+            "debugregs": blob(abi.kvm_debugregs), "mp_state": 0, "cpuid": [blob(abi.kvm_cpuid_entry2)],
+            "msrs": {"0x10": 5}, "xsave": blob(abi.kvm_xsave), "xcrs": None}
+
+
+def test_vcpu_section_checks_refuse_only_with_snapshot_error():
+    from vmmd.snapshot import machine_state as ms
+    ms.check_vcpu(_valid_vcpu_state(), 0)
+    rng = random.Random(3)
+    junk = [None, -1, 1 << 70, "x", "AAAA", [], {}, 1.5, True, [None] * 300, {"0xzz": 1}]
+    for _ in range(2000):
+        st = _valid_vcpu_state()
+        key = rng.choice(list(st))
+        if key == "regs" and rng.random() < 0.5:
+            st["regs"][rng.choice(ms.REG_NAMES)] = rng.choice(junk)
+        elif key == "msrs" and rng.random() < 0.5:
+            st["msrs"][rng.choice(["0x10", "zz", "0x100000000"])] = rng.choice(junk)
+        else:
+            st[key] = rng.choice(junk)
+        try:
+            ms.check_vcpu(st, 0)
+        except SnapshotError:
+            pass
+
+
+def test_manifest_config_checks():
+    from vmmd.snapshot import config_io
+    cfg = config_io.config_from_json({"cpus": 2, "memory": 64 << 20, "slots": [
+        {"slot": 31, "function": 0, "device": "lpc", "args": []}], "consoles": {"com1": "null"}})
+    assert cfg.cpus == 2 and cfg.slots[0].device == "lpc"
+    for bad in ({"cpus": 0}, {"memory": 5}, {"slots": [{"slot": "x"}]}, {"nope": 1}, {"consoles": []}):
+        with pytest.raises(SnapshotError):
+            config_io.config_from_json(bad)
+    with pytest.raises(SnapshotError, match="no virtio-blk in slot 4"):
+        config_io.apply_overrides(cfg, disks={4: "/x"}, nets={}, consoles={}, scalars={})
