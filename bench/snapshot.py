@@ -6,7 +6,9 @@ Two guests, each with -m 1G (sandbox on, one lpc device):
   * half: the incrementer over 512 MiB (every page's first byte non-zero after
     its first pass; it keeps dirtying them).
 
-For each: snapshot.create (client wall time, vmmd's paused and total time),
+For each: snapshot.create (client wall time, vmmd's paused and total time, and
+its phases: capture = devices + vCPUs + VM state, ram = RAM written to the page
+cache, commit = fsync + manifest after the VM resumed),
 size on disk (allocated blocks) and apparent size of the snapshot, then vmmd
 is killed and `vmmd --restore` started; restore-to-first-guest-instruction is
 taken from vmmd's log line "restore: vCPUs started at monotonic T" (the vCPU
@@ -90,6 +92,8 @@ def one(kind: str, guest: str, work: str, ready: str) -> dict:
         _kill(vm)
     out = {"guest": kind, "create_client_ms": create_ms, "create_vmmd_ms": r["total_ms"],
            "paused_ms": r["paused_ms"], "ram_bytes_written": r["ram_bytes_written"],
+           "create_capture_ms": r["phases_ms"]["capture"], "create_ram_ms": r["phases_ms"]["ram"],
+           "create_commit_ms": r["phases_ms"]["commit"],
            "size_on_disk": _allocated(snap), "apparent_size": _apparent(snap)}
     ram = os.path.join(snap, "ram.img")
     out["cp_same_fs_ms"] = _cp(ram, os.path.join(work, "ram.copy"))
@@ -146,7 +150,8 @@ def main() -> int:
         print(json.dumps({"results": results, "loadavg": load}, indent=1))
         return 0
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.runs} runs, medians (min-max)")
-    keys = ["create_client_ms", "create_vmmd_ms", "paused_ms", "cp_same_fs_ms", "cp_to_shm_ms",
+    keys = ["create_client_ms", "create_vmmd_ms", "paused_ms", "create_capture_ms", "create_ram_ms",
+            "create_commit_ms", "cp_same_fs_ms", "cp_to_shm_ms",
             "restore_from_spawn_ms", "restore_from_main_ms", "restore_checks_ms", "restore_ram_ms",
             "restore_spawn_devices_ms", "restore_device_states_ms", "restore_kvm_ms",
             "size_on_disk", "apparent_size", "ram_bytes_written"]

@@ -1,7 +1,10 @@
 """JSON-RPC snapshot.create (vmmd/snapshot/create.py does the work).
 
     snapshot.create {"path": DIR, "resume": true, "diff_from": DIR?}
-        -> {"path", "id", "type": "full"|"diff", "ram_bytes_written", "paused_ms", "total_ms", "state"}
+        -> {"path", "id", "type": "full"|"diff", "ram_bytes_written", "paused_ms", "total_ms",
+            "phases_ms": {"capture", "ram", "commit"}, "state"}
+        The VM resumes once RAM is written (to the page cache); the files are
+        then fsynced and the manifest digest written: the reply comes after that.
 
 While it runs, vm.info's "snapshot" holds {"phase", "bytes_done", "bytes_total", "path"}.
 """
@@ -29,6 +32,7 @@ CREATE_RESULT = {
         "type": {"type": "string", "enum": ["full", "diff"]},
         "ram_bytes_written": {"type": "integer", "minimum": 0},
         "paused_ms": {"type": "number"}, "total_ms": {"type": "number"},
+        "phases_ms": {"type": "object", "description": "capture (devices, vCPUs, VM), ram, commit (fsync)"},
         "state": {"type": "string"},
     },
     "required": ["path", "id", "type"],

@@ -125,6 +125,7 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         vm_state = save_vm_section(machine)
 
         progress["phase"] = "ram"
+        t_capture = time.monotonic()
         include = dirty_mask(machine) if parent else None
 
         def write_ram():
@@ -140,7 +141,18 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         progress["phase"] = "writing"
         snap_id = uuid.uuid4().hex
 
-        def write_rest():
+        t_ram = time.monotonic()
+        manifest = {
+            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+            "vmmd_version": vmmd.__version__, "id": snap_id,
+            "type": "diff" if parent else "full", "parent": parent,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "config": config_io.config_to_json(machine.cfg, machine),
+            "memory": {"size": machine.memory.size, "page_size": ramio.PAGE,
+                       "layout": machine.memory.layout.to_wire()},
+        }
+
+        def write_sections():
             writer.add_ram(machine.memory.size, digest, bytes_written=written)
             if include is not None:
                 writer.add_binary("ram-pages", np.packbits(include, bitorder="little").tobytes())
@@ -148,31 +160,38 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
             for st in vcpu_states:
                 writer.add_json("vcpu", str(st["index"]), st)
             for dev, st in zip(devices, states):
-                writer.add_json("device", devstate.instance_of(dev), st, device_kind=dev.spec.kind, device_id=dev.spec.id)
-            writer.commit({
-                "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
-                "vmmd_version": vmmd.__version__, "id": snap_id,
-                "type": "diff" if parent else "full", "parent": parent,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "config": config_io.config_to_json(machine.cfg, machine),
-                "memory": {"size": machine.memory.size, "page_size": ramio.PAGE,
-                           "layout": machine.memory.layout.to_wire()},
-            })
+                writer.add_json("device", devstate.instance_of(dev), st, device_kind=dev.spec.kind,
+                                device_id=dev.spec.id)
 
-        await loop.run_in_executor(None, write_rest)
+        await loop.run_in_executor(None, write_sections)
         start_tracking(machine, snap_id)
     except BaseException:
         progress["phase"] = "failed"
         await _resume(machine, devices, was_running)
         shutil.rmtree(writer.path, ignore_errors=True)  # never leave a half-written snapshot
         raise
+    # Everything the guest can change is captured (RAM is in the page cache):
+    # the VM runs on while the files reach the disk; the snapshot exists once
+    # its manifest digest is written (the commit point), after every fsync.
     progress["phase"] = "resuming"
     await _resume(machine, devices, resume)
-    paused_ms = (time.monotonic() - paused_at) * 1000 if paused_at else 0
+    paused_ms = (time.monotonic() - paused_at) * 1000
+    progress["phase"] = "committing"
+    t_commit = time.monotonic()
+    try:
+        await loop.run_in_executor(None, writer.commit, manifest)
+    except BaseException:
+        machine.snapshot_base = None
+        shutil.rmtree(writer.path, ignore_errors=True)
+        raise
     machine.snapshot_progress = None
+    now = time.monotonic()
     return {"path": os.path.abspath(path), "id": snap_id, "type": "diff" if parent else "full",
             "ram_bytes_written": written, "paused_ms": round(paused_ms, 1),
-            "total_ms": round((time.monotonic() - t0) * 1000, 1),
+            "total_ms": round((now - t0) * 1000, 1),
+            "phases_ms": {"capture": round((t_capture - paused_at) * 1000, 1),
+                          "ram": round((t_ram - t_capture) * 1000, 1),
+                          "commit": round((now - t_commit) * 1000, 1)},
             "state": machine.state}
 
 
