@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,8 +127,24 @@ def test_incrementer_diff_chain_restore_and_merge(tmp_path, test_guests):
         vm.wait_for("B", 30, start=len(vm.output()))
         with pytest.raises(RpcError):  # a diff needs tracking since exactly that parent
             vm.rpc("snapshot.create", {"path": str(tmp_path / "bad"), "diff_from": str(tmp_path / "nope")})
-        d2 = vm.rpc("snapshot.create", {"path": str(s2), "diff_from": str(s1)})
+        seen, done = [], threading.Event()
+
+        def poll():  # vm.info shows the snapshot while it runs
+            while not done.is_set():
+                snap = vm.rpc("vm.info").get("snapshot")
+                if snap:
+                    seen.append(snap)
+                time.sleep(0.002)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            d2 = vm.rpc("snapshot.create", {"path": str(s2), "diff_from": str(s1)})
+        finally:
+            done.set()
+            poller.join()
         assert d2["type"] == "diff"
+        assert seen and {"phase", "bytes_done", "bytes_total"} <= set(seen[-1])
+        assert vm.rpc("vm.info")["snapshot"] is None
         vm.wait_for("B", 30, start=len(vm.output()))
         r = vmmctl(vm.api, "snapshot", str(s3), "--diff-from", str(s2))
         assert r.returncode == 0, r.stderr
