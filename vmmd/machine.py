@@ -240,7 +240,8 @@ class Machine:
             snaprestore.restore_vm(self, self.restore_from.tip, self.restore_from.clock_mode)
             return
         boot_setup.load_guest(self.cfg, self.memory, self.vcpus, self.kvm, self.assists.enabled,
-                              pci_irqs=self.pci.pci_irqs())
+                              pci_irqs=self.pci.pci_irqs(),
+                              legacy=any(s.device == "lpc" for s in self.cfg.slots))
 
     def _start_vcpus(self, keep_control: bool = False) -> None:
         if not keep_control:
