@@ -57,6 +57,7 @@ class Machine:
         self.snapshot_progress: dict | None = None  # snapshot.create in progress (vm.info)
         self.snapshot_base: str | None = None  # id of the snapshot diffs can be taken from
         self._dirty_logging = False
+        self._restored = False
         self.time_plan = None
         self.state = "created"
         self.exit_code = 0
@@ -235,9 +236,10 @@ class Machine:
         self.vm = vm
         self.pci.attach_vm(vm)  # GSI routes, INTx/MSI-X irqfds, BAR windows and ioeventfds
         self.vcpus = [vm.create_vcpu(i) for i in range(self.cfg.cpus)]
-        if self.restore_from is not None and self.resets == 0:
+        if self.restore_from is not None and not self._restored:
             from vmmd.snapshot import restore as snaprestore
             snaprestore.restore_vm(self, self.restore_from.tip, self.restore_from.clock_mode)
+            self._restored = True  # a later guest reset boots the configured guest afresh
             return
         boot_setup.load_guest(self.cfg, self.memory, self.vcpus, self.kvm, self.assists.enabled,
                               pci_irqs=self.pci.pci_irqs(),
@@ -382,8 +384,11 @@ class Machine:
                 raise VmStateError(f"cannot snapshot a VM that is {self.state}")
             try:
                 return await snapcreate.create(self, path, resume, diff_from)
-            except SnapshotError as exc:
+            except (SnapshotError, OSError) as exc:
                 raise VmStateError(f"snapshot failed: {exc}") from None
+            except Exception as exc:  # a device gone mid-way, ...: the VM is resumed, the directory removed
+                log.error("snapshot to %s failed", path, exc_info=True)
+                raise VmStateError(f"snapshot failed: {type(exc).__name__}: {exc}") from None
             finally:
                 self.snapshot_progress = None
 

@@ -412,3 +412,25 @@ def test_vm_with_two_disks_two_nics_and_a_balloon_restores_with_overrides(tmp_pa
             assert str(moved) in opened and str(disks[0]) not in opened
         finally:
             kill(vm2)
+
+
+def test_reset_after_restore_boots_the_guest_afresh(tmp_path, test_guests):
+    vm = start(tmp_path / "a", test_guests["ticker"])
+    try:
+        vm.wait_api()
+        vm.wait_for("PING 3\n", 60)
+        vm.rpc("snapshot.create", {"path": str(tmp_path / "s")})
+    finally:
+        kill(vm)
+    vm2 = restore(tmp_path / "b", tmp_path / "s")
+    try:
+        vm2.wait_api()
+        vm2.wait_for("PING", 60)
+        assert "PING 0\n" not in vm2.output()  # it went on from where it was
+        vm2.rpc("vm.reset")
+        vm2.wait_for("PING 0\n", 60)           # a reset boots the configured guest
+        assert vm2.rpc("vm.info")["resets"] == 1
+        with pytest.raises(RpcError, match="no dirty tracking"):  # new memslots: no diff base
+            vm2.rpc("snapshot.create", {"path": str(tmp_path / "d"), "diff_from": str(tmp_path / "s")})
+    finally:
+        kill(vm2)

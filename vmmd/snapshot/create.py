@@ -37,12 +37,17 @@ def start_tracking(machine, base_id: str) -> None:
     """Dirty logging on (if not yet), both logs cleared: diffs from `base_id` from now on.
     Call with the vCPUs stopped."""
     vm, mem = machine.vm, machine.memory
-    for slot, region in enumerate(mem.layout.regions):
-        if not getattr(machine, "_dirty_logging", False):
-            vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region),
-                                      abi.KVM_MEM_LOG_DIRTY_PAGES)
-        else:
-            vm.get_dirty_log(slot, region.size // ramio.PAGE)  # read = clear
+    machine.snapshot_base = None
+    try:
+        for slot, region in enumerate(mem.layout.regions):
+            if not getattr(machine, "_dirty_logging", False):
+                vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region),
+                                          abi.KVM_MEM_LOG_DIRTY_PAGES)
+            else:
+                vm.get_dirty_log(slot, region.size // ramio.PAGE)  # read = clear
+    except OSError as exc:
+        log.warning("KVM dirty logging unavailable (%s): no diff snapshots from here", exc)
+        return
     machine._dirty_logging = True
     for dev in machine.supervisor.devices.values():
         if dev.dirty_log is not None and dev.ready:
