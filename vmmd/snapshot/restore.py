@@ -119,9 +119,10 @@ def prepare(req: RestoreRequest) -> Prepared:
     chain = store.open_chain(req.path)
     tip = chain[-1]
     cfg = config_io.config_from_json(tip.manifest["config"])
-    scalars = {k: v for k, v in (("api_socket", req.api_socket), ("sandbox", req.sandbox),
-                                 ("log_level", req.log_level), ("device_timeout", req.device_timeout))
-               if v is not None}
+    scalars = {k: v for k, v in (("sandbox", req.sandbox), ("log_level", req.log_level),
+                                 ("device_timeout", req.device_timeout)) if v is not None}
+    # The source's API socket is not inherited (that vmmd may still be serving it).
+    scalars["api_socket"] = req.api_socket
     cfg = config_io.apply_overrides(cfg, disks=req.disks or {}, nets=req.nets or {},
                                     consoles=req.consoles or {}, scalars=scalars)
     check_sections(tip, cfg)
