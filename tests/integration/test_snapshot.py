@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires_kvm, requires_root
-from tests.guests.checks import INCREMENTER_END, INCREMENTER_START, check_incrementer_pages
+from tests.guests.checks import check_incrementer_pages
 from tests.vmmd_process import RpcError, VmmdProcess
 
 pytestmark = [requires_kvm, requires_root]
@@ -73,15 +73,6 @@ def check_ram(ram: Path) -> str:
     return msg
 
 
-def first_bytes(ram: Path) -> list[int]:
-    with open(ram, "rb") as f:
-        out = []
-        for gpa in range(INCREMENTER_START, INCREMENTER_END, PAGE * 64):
-            f.seek(gpa)
-            out.append(f.read(1)[0])
-        return out
-
-
 def vmmctl(api: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vmmd.ctl", "--api-socket", api, *args],
                           capture_output=True, text=True, timeout=120)
@@ -113,8 +104,7 @@ def test_incrementer_snapshot_kill_restore_continues(tmp_path, test_guests):
         vm2.rpc("snapshot.create", {"path": str(tmp_path / "s2")})
     finally:
         kill(vm2)
-    check_ram(tmp_path / "s2" / "ram.img")
-    assert first_bytes(tmp_path / "s2" / "ram.img") != first_bytes(snap / "ram.img") or True
+    check_ram(tmp_path / "s2" / "ram.img")  # the invariant still holds after it ran on
 
 
 def test_incrementer_diff_chain_restore_and_merge(tmp_path, test_guests):
