@@ -100,6 +100,8 @@ def test_incrementer_snapshot_kill_restore_continues(tmp_path, test_guests):
         vm2.wait_api()
         info = vm2.rpc("vm.info")
         assert info["state"] == "running" and info["restored_from"] == str(snap)
+        assert info["restore_time"]["mode"] == "advance"
+        assert info["restore_time"]["clock"] in ("kvm-realtime", "vmmd-realtime")
         vm2.wait_for("BB", 60)  # the restored guest goes on with its passes
         vm2.rpc("snapshot.create", {"path": str(tmp_path / "s2")})
     finally:
@@ -196,7 +198,9 @@ def test_snapshot_restore_snapshot_is_identical(tmp_path, test_guests):
     vm2 = restore(tmp_path / "b", s1, "--paused", "--clock", "freeze")
     try:
         vm2.wait_api()
-        assert vm2.rpc("vm.info")["state"] == "paused"
+        info = vm2.rpc("vm.info")
+        assert info["state"] == "paused"
+        assert info["restore_time"]["mode"] == "freeze" and info["restore_time"]["clock"] == "frozen"
         vm2.rpc("snapshot.create", {"path": str(s2), "resume": False})
     finally:
         kill(vm2)

@@ -220,3 +220,34 @@ def test_manifest_config_checks():
             config_io.config_from_json(bad)
     with pytest.raises(SnapshotError, match="no virtio-blk in slot 4"):
         config_io.apply_overrides(cfg, disks={4: "/x"}, nets={}, consoles={}, scalars={})
+
+
+def test_restore_overrides_replace_host_side_resources_only():
+    from vmmd.snapshot import config_io
+    cfg = config_io.config_from_json({"cpus": 1, "memory": 64 << 20, "api_socket": "/old.sock", "slots": [
+        {"slot": 2, "function": 0, "device": "virtio-blk", "args": ["/a.img", "num_queues=2"]},
+        {"slot": 3, "function": 0, "device": "virtio-net", "args": ["tap=old0", "mac=52:54:00:00:00:01"]},
+        {"slot": 31, "function": 0, "device": "lpc", "args": []}], "consoles": {"com1": "stdio"}})
+    new = config_io.apply_overrides(cfg, disks={2: "/b.img"}, nets={3: "socket=/sw.sock"},
+                                    consoles={"com1": "file,/log", "com2": "null"},
+                                    scalars={"api_socket": None})
+    slots = {s.slot: s.args for s in new.slots}
+    assert slots[2] == ("/b.img", "num_queues=2")
+    assert slots[3] == ("mac=52:54:00:00:00:01", "socket=/sw.sock")
+    assert new.consoles == {"com1": "file,/log", "com2": "null"} and new.api_socket is None
+    assert new.cpus == cfg.cpus and new.memory == cfg.memory
+    with pytest.raises(SnapshotError, match="no virtio-net in slot 2"):
+        config_io.apply_overrides(cfg, disks={}, nets={2: "tap=x"}, consoles={}, scalars={})
+
+
+def test_restore_command_line():
+    from vmmd.config import ConfigError
+    from vmmd.snapshot import restore
+    req = restore.parse_restore_args(["--restore", "/s", "--clock", "freeze", "--net", "3=tap=t0",
+                                      "-l", "com1,null", "--paused"])
+    assert (req.path, req.clock, req.nets, req.consoles, req.paused) == \
+        ("/s", "freeze", {3: "tap=t0"}, {"com1": "null"}, True)
+    for bad in (["--restore", "/s", "--clock", "x"], ["--restore", "/s", "--net", "3=eth0"],
+                ["--restore", "/s", "--disk", "x=/a"], ["--restore", "/s", "-m", "1G"]):
+        with pytest.raises(ConfigError):
+            restore.parse_restore_args(bad)
