@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass
 
-from vmmd.config import (CONSOLE_PORTS, LOG_LEVELS, SANDBOX_MODES, ConfigError, VmConfig,
+from vmmd.config import (LOG_LEVELS, SANDBOX_MODES, ConfigError, VmConfig,
                          _check_socket_path, _choice, _float, _readable_file, parse_console)
 from vmmd.guest_memory import GuestMemory, GuestMemoryError, MemoryLayout
 from vmmd.snapshot import clock, config_io, machine_state, store
