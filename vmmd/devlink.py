@@ -76,7 +76,9 @@ class ManagedDevice:
         self._state = "starting"
         self._changed = threading.Condition(threading.Lock())
         self.refused: dict[str, int] = {}
-        self._refusal_log = TokenBucket(rate=2.0, burst=10)
+        # One bucket per refusal kind (a fixed set in vmmd's code): a flood of
+        # one kind cannot hide the first line of another.
+        self._refusal_logs: dict[str, TokenBucket] = {}
         self._device_log = TokenBucket(rate=20.0, burst=100)  # its LOG/ERROR events
         self._count_lock = threading.Lock()
         self.reset_watch = ResetPortWatch() if spec.reset_ports else None
@@ -145,7 +147,10 @@ class ManagedDevice:
         """Count a refused device message and log it at a bounded rate."""
         with self._count_lock:
             self.refused[kind] = self.refused.get(kind, 0) + 1
-        dropped = self._refusal_log.take()
+            bucket = self._refusal_logs.get(kind)
+            if bucket is None:
+                bucket = self._refusal_logs[kind] = TokenBucket(rate=1.0, burst=5)
+        dropped = bucket.take()
         if dropped is None:
             return
         more = f" ({dropped} similar lines suppressed)" if dropped else ""
@@ -161,6 +166,10 @@ class ManagedDevice:
         more = f" ({dropped} lines suppressed)" if dropped else ""
         # %r: the text is the device's; repr keeps it on one line (no forged vmmd lines).
         log.log(level, "[%s] %r%s", self.spec.id, text, more)
+
+    def log_lines_suppressed(self) -> int:
+        return (sum(b.suppressed_total for b in list(self._refusal_logs.values()))
+                + self._device_log.suppressed_total)
 
     def count_refusal(self) -> int:
         return sum(self.refused.values())
@@ -270,7 +279,7 @@ class ManagedDevice:
             "fast_path": bool(self.fds),
             "refused": dict(self.refused),
             "refused_total": self.count_refusal(),
-            "log_lines_suppressed": self._refusal_log.suppressed_total + self._device_log.suppressed_total,
+            "log_lines_suppressed": self.log_lines_suppressed(),
             "heartbeats": self.heartbeats,
         }
 
@@ -281,8 +290,7 @@ class ManagedDevice:
         age = None if self.stats_at is None else round(time.monotonic() - self.stats_at, 3)
         out["vmmd"] = {"state": self.state, "restarts": self.restarts, "generation": self.generation,
                        "refused": dict(self.refused), "refused_total": self.count_refusal(),
-                       "log_lines_suppressed": (self._refusal_log.suppressed_total
-                                                + self._device_log.suppressed_total),
+                       "log_lines_suppressed": self.log_lines_suppressed(),
                        "heartbeats": self.heartbeats, "stats_age_s": age}
         return out
 

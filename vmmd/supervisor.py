@@ -451,8 +451,11 @@ class Supervisor:
             return None
         except bus_endpoint.DeviceControlError as exc:
             return {"error": str(exc)}  # alive, but its stats failed
-        except (bus_endpoint.ChannelError, protocol.ProtocolError):
-            return None  # gone (the exit is handled) or a bad reply (counted)
+        except protocol.ProtocolError as exc:
+            dev._failed(inc, f"bad reply: {exc}")  # as a vCPU's read would
+            return None
+        except bus_endpoint.ChannelError:
+            return None  # gone: the exit is handled by the pidfd watch
         return result if type(result) is dict else {"stats": result}
 
     async def restart(self, dev: ManagedDevice) -> None:
