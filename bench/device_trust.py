@@ -137,8 +137,16 @@ def scen_hung(guest, _):
             d = vm.dev(dev_id)
             t0 = time.monotonic()
             os.kill(d["pid"], signal.SIGSTOP)
+            try:
+                vm.until(lambda: vm.dev(dev_id)["state"] != "running", f"{dev_id} noticed", timeout=30)
+            except RuntimeError:
+                out[dev_id] = {"noticed_after_s": "not within 30 s"}
+                os.kill(d["pid"], signal.SIGCONT)
+                continue
+            noticed = time.monotonic() - t0
             vm.running_again(dev_id, d["restarts"] + 1)
-            out[dev_id] = {"replaced_after_s": round(time.monotonic() - t0, 2), "device_timeout_s": 2.0}
+            out[dev_id] = {"noticed_after_s": round(noticed, 2),
+                           "replaced_after_s": round(time.monotonic() - t0, 2), "device_timeout_s": 2.0}
     finally:
         vm.close()
     return out

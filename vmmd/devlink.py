@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from bus import endpoint as bus_endpoint
 from bus.protocol import ProtocolError
 from bus.types import IoSpace
-from vmmd.authority import ResetPortWatch
+from vmmd.authority import RESET_PORTS, ResetPortWatch
 from vmmd.pci.fastpath import PciExpect, close_fds
 from vmmd.ratelimit import TokenBucket
 
@@ -228,7 +228,7 @@ class ManagedDevice:
                 return ones
 
     def io_write(self, space: IoSpace, addr: int, size: int, value: int) -> None:
-        if self.reset_watch is not None and space is IoSpace.PIO:
+        if self.reset_watch is not None and space is IoSpace.PIO and addr in RESET_PORTS:
             self.reset_watch.observe_write(addr, value)
         deadline = time.monotonic() + self.timeout
         stale = None
