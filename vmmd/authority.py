@@ -13,7 +13,16 @@ owns (its DeviceSpec and PCI declaration), sans-I/O:
 | REQUEST    | reset: a device owning reset ports, after the guest wrote a reset   |
 |            | command to one (a one-shot permit armed by vmmd's own forwarding);  |
 |            | quit: a device whose console the operator attached to stdio         |
-| LOG, ERROR | always, at a bounded rate (vmmd/ratelimit.py)                       |
+| LOG, ERROR | always, at a bounded rate (vmmd/ratelimit.py), as one quoted line    |
+
+On the request channel (bus/endpoint.py VmmChannel): HELLO only as the first
+message (validated, bus/pci_info.py); READ_REPLY / CONTROL_REPLY only with
+the seq vmmd is waiting for, a READ_REPLY no wider than the read, a reply
+frame no larger than MAX_SMALL_FRAME (a save: the kind's state limit);
+stale or unexpected frames are dropped and counted, garbage fails the
+access (the device is replaced). The fast path needs no check: a device
+holds eventfds for its own vectors, INTx line and queues only, and vmmd
+routes them from its own MSI-X table (vmmd/pci/msix.py).
 
 Refusals are counted per device by kind (`ManagedDevice.refused`, shown in
 device.list and device.stats) and logged at a bounded rate.
