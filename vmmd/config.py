@@ -72,6 +72,7 @@ class VmConfig:
     no_reboot: bool = False                       # guest reboot -> vmmd exits
     sandbox: str = "on"
     device_timeout: float = 2.0                   # seconds
+    device_crash_limit: tuple[int, float] = (5, 60.0)  # crashes within seconds -> device failed
     log_level: str = "info"
     bus_mode: str = "fast"
     pvm_assists: str = "auto"
@@ -104,6 +105,14 @@ def _int(value: Any, where: str, lo: int, hi: int, what: str = "an integer") -> 
     if not lo <= n <= hi:
         raise ConfigError(f"{where}: {n} is out of range {lo}..{hi}")
     return n
+
+
+def _crash_limit(value: Any, where: str) -> tuple[int, float]:
+    """N/SECONDS, e.g. 5/60."""
+    count, slash, window = str(value).partition("/")
+    if not slash:
+        raise ConfigError(f"{where}: {value!r} is not N/SECONDS (e.g. 5/60)")
+    return _int(count, where, 1, 1000, "a crash count"), _float(window, where)
 
 
 def _float(value: Any, where: str) -> float:
@@ -223,6 +232,9 @@ _OPTS = (
     _Opt("no-reboot", ("--no-reboot",), (bool,), "exit instead of rebooting the guest", switch=True),
     _Opt("sandbox", ("--sandbox",), (str,), f"device sandbox: {'|'.join(SANDBOX_MODES)} (default on)", "MODE"),
     _Opt("device-timeout", ("--device-timeout",), (int, float), "seconds to wait for a device reply (default 2.0)", "S"),
+    _Opt("device-crash-limit", ("--device-crash-limit",), (str,),
+         "N/SECONDS: a device that crashes more than N times within SECONDS is marked failed "
+         "and not restarted (default 5/60)", "N/S"),
     _Opt("log-level", ("--log-level",), (str,), f"{'|'.join(LOG_LEVELS)} (default info)", "LEVEL"),
     _Opt("bus-mode", ("--bus-mode",), (str,), f"{'|'.join(BUS_MODES)} (default fast)", "MODE"),
     _Opt("pvm-assists", ("--pvm-assists",), (str,), f"{'|'.join(PVM_ASSISTS)} (default auto)", "MODE"),
@@ -330,6 +342,7 @@ def parse_args(argv: list[str]) -> VmConfig:
     pvm_assists = scalar("pvm-assists", lambda v, w: _choice(v, w, PVM_ASSISTS), "auto")
     log_level = scalar("log-level", lambda v, w: _choice(v, w, LOG_LEVELS), "info")
     device_timeout = scalar("device-timeout", _float, 2.0)
+    device_crash_limit = scalar("device-crash-limit", _crash_limit, (5, 60.0))
     no_reboot = bool(scalar("no-reboot", lambda v, w: v, False))
 
     slots = _merged_entries(file.get("slots", []), cli.get("slots", []), ns.config,
@@ -372,7 +385,8 @@ def parse_args(argv: list[str]) -> VmConfig:
         slots=tuple(slots[k] for k in sorted(slots)), consoles=consoles,
         kernel=kernel, initrd=initrd, cmdline=get("cmdline")[0] or "",
         raw=raw, raw_mode=raw_mode, api_socket=api_socket, no_reboot=no_reboot,
-        sandbox=sandbox, device_timeout=device_timeout, log_level=log_level,
+        sandbox=sandbox, device_timeout=device_timeout, device_crash_limit=device_crash_limit,
+        log_level=log_level,
         bus_mode=bus_mode, pvm_assists=pvm_assists,
     )
 

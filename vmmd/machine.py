@@ -17,6 +17,7 @@ from bus.types import PROTOCOL_VERSION
 from vmmd import assists, boot_setup
 from vmmd.api.methods import NoSuchDevice, VmStateError
 from vmmd.acpi_pm import AcpiSleepControl
+from vmmd.authority import DEFAULT_STATE_LIMIT, STATE_LIMITS
 from vmmd.chipset import NullPorts, ResetControl
 from vmmd.devlink import DeviceSpec
 from vmmd.pci.bus import PciBus
@@ -101,11 +102,12 @@ class Machine:
             loop=self.loop, rundir=self.rundir, memory=self.memory, iospace=self.iospace,
             irq_line=self._irq_line, on_request=self._device_request,
             sandbox=self.cfg.sandbox, timeout=self.cfg.device_timeout,
-            pci=self.pci, fast_path=self.cfg.bus_mode == "fast")
-        self.supervisor.msi = self._signal_msi
+            pci=self.pci, fast_path=self.cfg.bus_mode == "fast",
+            crash_limit=self.cfg.device_crash_limit)
         try:
             t_dev = time.monotonic()
             for spec in self._device_specs():
+                spec.max_state = STATE_LIMITS.get(spec.kind, DEFAULT_STATE_LIMIT)
                 dev = self.supervisor.add(spec)
                 if spec.kind == "virtio_net":
                     dev.fds.update(self._open_net_backend(spec))
@@ -152,7 +154,9 @@ class Machine:
                              "memory_low": self.memory.layout.regions[0].size,
                              "memory_high": sum(r.size for r in self.memory.layout.regions[1:])},
                     allowed_gsis=LPC_GSIS,
+                    # quit (Ctrl-A x) only from a console the operator attached to stdio
                     stdio="stdio" in consoles.values(),
+                    reset_ports=True,
                     # Its ISA bridge function sits at the slot (0:31.0 as in bhyve).
                     pci=PciExpect(vectors=0, queues=0, intx=False, fixed_ranges=True)))
             elif slot.device == "hostbridge":
@@ -317,15 +321,8 @@ class Machine:
         if self.vm is not None:
             self.vm.irq_line(gsi, 1 if level else 0)
 
-    def _signal_msi(self, address: int, data: int) -> None:
-        vm = self.vm
-        if vm is not None:
-            try:
-                vm.signal_msi(address, data)
-            except OSError as exc:
-                log.warning("MSI %#x/%#x not delivered: %s", address, data, exc)
-
     def _device_request(self, dev, what: str, args: dict) -> None:
+        """A request the supervisor authorised (vmmd/authority.py)."""
         if what == "quit":
             log.info("device %s asked to quit", dev.spec.id)
             self._finish(0)
@@ -443,16 +440,17 @@ class Machine:
     async def _device_call(self, dev, op: str, args: dict | None = None):
         from bus.endpoint import ChannelError, DeviceControlError
         try:
-            return await self.loop.run_in_executor(None, dev.control, op, args or {})
+            return await self.loop.run_in_executor(None, dev.operator_control, op, args or {})
         except DeviceControlError as exc:
             raise VmStateError(f"device {dev.spec.id}: {exc}") from None
         except ChannelError as exc:
             raise VmStateError(f"device {dev.spec.id} did not answer: {exc}") from None
 
     async def device_stats(self, device_id: str) -> dict:
-        """The device process's own counters (CONTROL stats), plus vmmd's
-        count of its relayed and dropped log lines ("log_relay")."""
-        stats = await self._device_call(self._device_or_raise(device_id), "stats")
+        """The device process's own counters as of its last heartbeat, vmmd's
+        (refusals), and its relayed and dropped log lines ("log_relay"): no bus
+        round trip, so pollers never slow the vCPUs."""
+        stats = self._device_or_raise(device_id).operator_stats()
         if isinstance(stats, dict):
             stats = {**stats, "log_relay": self.supervisor.log_stats(device_id)}
         return stats
