@@ -13,8 +13,6 @@ import sys
 import termios
 import tty
 
-import uvloop
-
 from vmmd.config import ConfigError, parse_or_exit
 
 
@@ -96,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr)
     stdio_console = "stdio" in dict(cfg.consoles).values()
     raise_nofile_limit()
+    import uvloop   # here, not at the top: a rejected command line exits before asyncio loads
     try:
         with raw_terminal(stdio_console):
             code = uvloop.run(_serve(cfg))

@@ -158,13 +158,16 @@ class ApiServer:
         try:
             if not self._closing:
                 await self._serve_lines(task, reader, writer)
+        except asyncio.TimeoutError:   # before OSError: TimeoutError is one
+            self.timed_out += 1
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()   # it does not read: drop its unread replies too
+            else:
+                with contextlib.suppress(Exception):
+                    writer.write(error_response(LIMIT_EXCEEDED, "idle timeout: no request for "
+                                                f"{self.limits.idle_timeout:g} s; closing") + b"\n")
         except (ConnectionError, OSError):
             pass  # the client went away; nothing to answer
-        except asyncio.TimeoutError:
-            self.timed_out += 1
-            with contextlib.suppress(Exception):
-                writer.write(error_response(LIMIT_EXCEEDED, "idle timeout: no request for "
-                                            f"{self.limits.idle_timeout:g} s; closing") + b"\n")
         except Exception:
             log.exception("control connection failed")
         finally:
