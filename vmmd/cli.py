@@ -13,7 +13,7 @@ import sys
 import termios
 import tty
 
-from vmmd.config import ConfigError, parse_or_exit
+from vmmd.config import ConfigError, error_line, parse_or_exit
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except ConfigError as exc:   # found while setting up, before any device process
-        print(f"vmmd: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except Exception as exc:
         logging.getLogger("vmmd").error("%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))

@@ -39,6 +39,7 @@ MAX_MEMORY = 1 << 40           # 1 TiB: anything larger is a typo
 MAX_CPUS = 255
 PAGE_SIZE = 4096
 SUN_PATH_MAX = 107             # sockaddr_un.sun_path minus the NUL
+MAX_ERROR_CHARS = 400         # an error line quoting a huge argument is cut here
 MAX_NUMBER_CHARS = 32          # a longer number is a typo (and int() of 5,000 digits raises)
 MAX_CONFIG_BYTES = 1 << 20     # a --config file larger than this is not a VM description
 MAX_JSON_DEPTH = 32            # the config file's nesting: the schema needs 2
@@ -591,10 +592,19 @@ def _check_boot_image(path: str, where: str, kind: str) -> None:
         raise ConfigError(f"{where} {path}: {exc}") from None
 
 
+def error_line(exc: BaseException) -> str:
+    """'vmmd: error: ...' as one printable line: a path or value holding a newline
+    or other control character is shown escaped, never split across lines."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+    if len(text) > MAX_ERROR_CHARS:   # e.g. argparse quoting a huge stray argument
+        text = text[:MAX_ERROR_CHARS - 3] + "..."
+    return f"vmmd: error: {text}"
+
+
 def parse_or_exit(argv: list[str] | None = None) -> VmConfig:
     """parse_args() for main(): on error print 'vmmd: error: ...' and exit 2."""
     try:
         return parse_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
-        print(f"vmmd: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         sys.exit(2)

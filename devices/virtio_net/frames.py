@@ -212,6 +212,8 @@ class RxFilter:
 
     def accepts(self, frame, mac: bytes) -> bool:
         dst = bytes(frame[:6])
+        if len(dst) < 6:   # not even a destination address (fuzzing found the IndexError)
+            return False
         if self.promisc:
             return True
         if dst == BROADCAST:
