@@ -557,17 +557,19 @@ def _check_socket_path(path: str, where: str) -> None:
 
 
 def _check_distinct_paths(api_socket, consoles: dict[str, str], slots) -> None:
-    """No two sockets/files vmmd or its devices create may share a path."""
-    seen: dict[str, str] = {}
-    named = [("--api-socket", api_socket)] if api_socket else []
-    named += [(f"-l {port}", spec.partition(",")[2]) for port, spec in consoles.items()
+    """No two sockets/files vmmd or its devices write may share a path (two read-only
+    disks on one image may)."""
+    seen: dict[str, tuple[str, bool]] = {}
+    named = [("--api-socket", api_socket, True)] if api_socket else []
+    named += [(f"-l {port}", spec.partition(",")[2], True) for port, spec in consoles.items()
               if spec.partition(",")[0] in ("file", "socket")]
-    named += [(f"-s {s.slot}:{s.function}", s.args[0]) for s in slots if s.device == "virtio-blk"]
-    for what, path in named:
+    named += [(f"-s {s.slot}:{s.function}", s.args[0], "ro" not in s.args[1:])
+              for s in slots if s.device == "virtio-blk"]
+    for what, path, writes in named:
         key = os.path.realpath(path)
-        if key in seen:
-            raise ConfigError(f"{what} {path}: already used by {seen[key]}")
-        seen[key] = what
+        if key in seen and (writes or seen[key][1]):
+            raise ConfigError(f"{what} {path}: already used by {seen[key][0]}")
+        seen.setdefault(key, (what, writes))
 
 
 def _check_boot_image(path: str, where: str, kind: str) -> None:

@@ -273,3 +273,13 @@ def test_subprocess_exit_code_and_single_line(files):
     ok = subprocess.run([sys.executable, "-c", code, "--raw", files["test.elf"]],
                         capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0 and ok.stderr == ""
+
+
+def test_two_read_only_disks_may_share_an_image(files):
+    img = files["disk.img"]
+    cfg = parse_args(["-s", f"2,virtio-blk,{img},ro", "-s", f"3,virtio-blk,{img},ro",
+                      "--raw", files["test.elf"]])
+    assert len(cfg.slots) == 2
+    with pytest.raises(ConfigError, match="already used"):
+        parse_args(["-s", f"2,virtio-blk,{img},ro", "-s", f"3,virtio-blk,{img}",
+                    "--raw", files["test.elf"]])
