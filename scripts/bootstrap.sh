@@ -13,6 +13,13 @@ command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
 command -v cpio >/dev/null || need_apt+=(cpio)      # cross-checks the initramfs writer
 command -v fio >/dev/null || need_apt+=(fio)        # host baseline of bench/virtio_blk.py
 command -v ip >/dev/null || need_apt+=(iproute2)    # network namespaces for the virtio-net tests
+command -v iasl >/dev/null || need_apt+=(acpica-tools)  # disassembles vmmd's ACPI tables in tests
+command -v qemu-img >/dev/null || need_apt+=(qemu-utils)  # qcow2 oracle
+# The nested lab (scripts/lab): QEMU, depmod for the L1 kernel's modules, and
+# udevd, which virtme-ng's init needs for the command's I/O ports.
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+command -v depmod >/dev/null || [ -x /sbin/depmod ] || need_apt+=(kmod)
+command -v udevadm >/dev/null || [ -x /bin/udevadm ] || need_apt+=(udev)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "bootstrap: installing ${need_apt[*]}" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -20,7 +27,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 # apt-get download needs package lists; a fresh machine may have none.
-if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
+if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
     echo "bootstrap: apt-get update" >&2
     if [ "$(id -u)" = 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi
 fi

@@ -57,17 +57,18 @@ def kernel_cmdline(user_cmdline: str, pvm: bool) -> str:
     return f"{user_cmdline} {PVM_KERNEL_OPTIONS}".strip() if pvm else user_cmdline
 
 
-def load_guest(cfg, memory, vcpus, kvm, pvm: bool, pci_irqs=()) -> None:
+def load_guest(cfg, memory, vcpus, kvm, pvm: bool, pci_irqs=(), legacy: bool = False) -> None:
     """Write the guest image into memory and give every vCPU its start state.
 
-    ``pci_irqs``: vmmd.boot.mptable.PciIrq entries for the MP table and _PRT."""
+    ``pci_irqs``: vmmd.boot.mptable.PciIrq entries for the MP table and _PRT;
+    ``legacy``: an LPC bridge serves the COM ports and the RTC (ACPI describes them)."""
     if cfg.raw:
         state = raw.load_raw(memory, Path(cfg.raw).read_bytes(), cfg.raw_mode)
     else:
         kernel = Path(cfg.kernel).read_bytes()
         initrd = Path(cfg.initrd).read_bytes() if cfg.initrd else None
         info = linux.load_linux(memory, kernel, initrd, kernel_cmdline(cfg.cmdline, pvm), len(vcpus),
-                                pci_irqs=pci_irqs)
+                                pci_irqs=pci_irqs, legacy=legacy)
         state = info.cpu_state
     supported = kvm.supported_cpuid()
     for v in vcpus:

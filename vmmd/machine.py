@@ -213,7 +213,8 @@ class Machine:
         self.pci.attach_vm(vm)  # GSI routes, INTx/MSI-X irqfds, BAR windows and ioeventfds
         self.vcpus = [vm.create_vcpu(i) for i in range(self.cfg.cpus)]
         boot_setup.load_guest(self.cfg, self.memory, self.vcpus, self.kvm, self.assists.enabled,
-                              pci_irqs=self.pci.pci_irqs())
+                              pci_irqs=self.pci.pci_irqs(),
+                              legacy=any(s.device == "lpc" for s in self.cfg.slots))
 
     def _start_vcpus(self) -> None:
         self.control = RunControl()

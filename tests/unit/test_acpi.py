@@ -456,3 +456,49 @@ def test_sleep_control_ignores_other_writes():
     assert len(calls) == 1
     dev.reset()
     assert dev.io_read(0, sp, 1) == 0
+
+
+LEGACY_ASL = r"""
+DefinitionBlock ("", "DSDT", 2, "VMMD  ", "VMMDDSDT", 0x00000001)
+{
+    Name (_S5, Package () { 0x05, Zero })
+    Scope (\_SB)
+    {
+        Device (COM1)
+        {
+            Name (_HID, EisaId ("PNP0501"))
+            Name (_UID, One)
+            Name (_CRS, ResourceTemplate () { IO (Decode16, 0x03F8, 0x03F8, 0x01, 0x08,) IRQNoFlags () {4} })
+        }
+        Device (COM2)
+        {
+            Name (_HID, EisaId ("PNP0501"))
+            Name (_UID, 0x02)
+            Name (_CRS, ResourceTemplate () { IO (Decode16, 0x02F8, 0x02F8, 0x01, 0x08,) IRQNoFlags () {3} })
+        }
+        Device (RTC)
+        {
+            Name (_HID, EisaId ("PNP0B00"))
+            Name (_UID, Zero)
+            Name (_CRS, ResourceTemplate () { IO (Decode16, 0x0070, 0x0070, 0x01, 0x02,) IRQNoFlags () {8} })
+        }
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("iasl") is None, reason="iasl (acpica-tools) not installed")
+def test_legacy_devices_match_iasl(tmp_path):
+    """COM1/COM2/RTC with their ISA IRQs, byte for byte as iasl compiles them:
+    without them a hardware-reduced guest maps no ISA IRQ (no legacy PIC)."""
+    (tmp_path / "dsdt.asl").write_text(LEGACY_ASL)
+    res = subprocess.run(["iasl", "-on", "-p", "out", "dsdt.asl"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ref = (tmp_path / "out.aml").read_bytes()
+    assert acpi.build_dsdt(False, legacy=True)[36:] == ref[36:]
+
+
+def test_legacy_devices_only_with_an_lpc_bridge():
+    assert b"PNP0501" not in acpi.build_dsdt(True)
+    assert acpi.build_dsdt(True, legacy=True).count(aml.eisa_id("PNP0501")) == 2

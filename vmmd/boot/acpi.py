@@ -39,6 +39,13 @@ Tables:
         0-0xcf7 and 0xd00-0xffff, 32-bit MMIO in the PCI hole) and a _PRT
         built from the same PCI INTx list the MP table gets: with ACPI,
         Linux finds PCI root buses only through the DSDT.
+        With ``legacy`` (an LPC bridge is present): \\_SB.COM1/COM2
+        (PNP0501, 0x3f8/IRQ 4, 0x2f8/IRQ 3) and \\_SB.RTC (PNP0B00,
+        0x70/IRQ 8). A hardware-reduced platform has no legacy PIC, so Linux
+        maps no ISA IRQ by itself ("preallocated irqs: 0") and the 8250
+        driver's built-in COM1 at IRQ 4 cannot get its interrupt; described
+        here, the PNP drivers (8250_pnp, rtc_cmos) map each IRQ as a GSI
+        through the IOAPIC (identity, no override) and take the ports over.
 """
 
 from __future__ import annotations
@@ -244,16 +251,37 @@ def pci_host_bridge_aml(pci_irqs=(), mmio=(PCI_HOLE_START, PCI_MMIO_END)) -> byt
     ))
 
 
-def dsdt_aml(pci: bool = True, pci_irqs=(), **pci_kwargs) -> bytes:
+# The LPC bridge's ISA devices: (name, _HID, _UID, I/O base, ports, ISA IRQ).
+LEGACY_DEVICES = (
+    ("COM1", "PNP0501", 1, 0x3F8, 8, 4),
+    ("COM2", "PNP0501", 2, 0x2F8, 8, 3),
+    ("RTC_", "PNP0B00", 0, 0x70, 2, 8),
+)
+
+
+def legacy_devices_aml() -> bytes:
+    """\\_SB.COM1, COM2, RTC: where the ISA devices sit and which IRQ each raises."""
+    return aml.scope("\\_SB_", *(
+        aml.device(name,
+                   aml.name("_HID", aml.eisa_id(hid)),
+                   aml.name("_UID", uid),
+                   aml.name("_CRS", aml.resource_template(aml.io_port(base, length),
+                                                          aml.irq_no_flags(irq))))
+        for name, hid, uid, base, length, irq in LEGACY_DEVICES))
+
+
+def dsdt_aml(pci: bool = True, pci_irqs=(), legacy: bool = False, **pci_kwargs) -> bytes:
     """The DSDT's definition block (AML after the header)."""
     body = aml.name("_S5_", aml.package(S5_SLP_TYP, 0))
     if pci:
         body += pci_host_bridge_aml(pci_irqs, **pci_kwargs)
+    if legacy:
+        body += legacy_devices_aml()
     return body
 
 
-def build_dsdt(pci: bool = True, pci_irqs=(), **pci_kwargs) -> bytes:
-    return sdt(b"DSDT", DSDT_REVISION, dsdt_aml(pci, pci_irqs, **pci_kwargs))
+def build_dsdt(pci: bool = True, pci_irqs=(), legacy: bool = False, **pci_kwargs) -> bytes:
+    return sdt(b"DSDT", DSDT_REVISION, dsdt_aml(pci, pci_irqs, legacy, **pci_kwargs))
 
 
 def _align(n: int) -> int:
@@ -261,12 +289,12 @@ def _align(n: int) -> int:
 
 
 def build_acpi_tables(base: int, ncpus: int, *, pci: bool = True, pci_irqs=(),
-                      **pci_kwargs) -> AcpiTables:
+                      legacy: bool = False, **pci_kwargs) -> AcpiTables:
     """Every table laid out from ``base`` (16-byte aligned): RSDP, XSDT,
     FADT, MADT, DSDT, each at a 16-byte boundary."""
     if base % ALIGN:
         raise BootError(f"ACPI base {base:#x} is not 16-byte aligned")
-    dsdt = build_dsdt(pci, pci_irqs, **pci_kwargs)
+    dsdt = build_dsdt(pci, pci_irqs, legacy, **pci_kwargs)
     madt = build_madt(ncpus)
     xsdt_addr = _align(base + RSDP.size)
     xsdt_len = HEADER.size + 2 * 8

@@ -200,6 +200,7 @@ def eisa_id(text: str) -> bytes:
 # ---- resource descriptors (ACPI 6.5 section 6.4) ----
 
 END_TAG = 0x79
+IRQ_TAG = 0x22      # IRQ descriptor, 2-byte form: edge-triggered, active high
 IO_PORT_TAG = 0x47
 WORD_ADDRESS_TAG = 0x88
 DWORD_ADDRESS_TAG = 0x87
@@ -216,6 +217,16 @@ MEM_CACHEABLE = 0x02
 def io_port(base: int, length: int, align: int = 1) -> bytes:
     """IO(Decode16, base, base, align, length): small descriptor 0x47."""
     return struct.pack("<BBHHBB", IO_PORT_TAG, 0x01, base, base, align, length)
+
+
+def irq_no_flags(*irqs: int) -> bytes:
+    """IRQNoFlags(){irqs}: ISA IRQs, edge-triggered, active high (small descriptor 0x22)."""
+    mask = 0
+    for irq in irqs:
+        if not 0 <= irq < 16:
+            raise ValueError(f"ISA IRQ {irq} out of range")
+        mask |= 1 << irq
+    return struct.pack("<BH", IRQ_TAG, mask)
 
 
 def _word_address(rtype: int, type_flags: int, lo: int, hi: int) -> bytes:

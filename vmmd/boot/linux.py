@@ -139,7 +139,7 @@ def _load_vmlinux(mem, data: bytes, low_end: int) -> tuple[int, int, int]:
 
 def load_linux(mem, kernel_bytes: bytes, initrd_bytes: bytes | None, cmdline: str,
                ncpus: int, *, setup_header_from: bytes | None = None, pci_irqs=(),
-               irq0_pin: int = 2, acpi: bool = True) -> BootInfo:
+               irq0_pin: int = 2, acpi: bool = True, legacy: bool = False) -> BootInfo:
     """Load a vmlinux ELF or a bzImage plus initrd and command line; write
     boot_params, e820, MP table, ACPI tables (unless ``acpi`` is false), GDT,
     page tables. Returns the entry state."""
@@ -192,7 +192,7 @@ def load_linux(mem, kernel_bytes: bytes, initrd_bytes: bytes | None, cmdline: st
         struct.pack_into("<II", bp, BP_EXT_RAMDISK_IMAGE, initrd_addr >> 32, initrd_size >> 32)
 
     # ACPI (kernels without CONFIG_X86_MPPARSE see CPUs and the IOAPIC only here)
-    rsdp = write_acpi_tables(mem, ncpus, pci_irqs=pci_irqs) if acpi else 0
+    rsdp = write_acpi_tables(mem, ncpus, pci_irqs=pci_irqs, legacy=legacy) if acpi else 0
     struct.pack_into("<Q", bp, BP_ACPI_RSDP_ADDR, rsdp)
 
     # e820

@@ -67,6 +67,9 @@ def _check_type(value: object, cls: type, what: str) -> None:
         raise TypeError(f"{what} must be abi.{cls.__name__}, got {type(value).__name__}")
 
 
+_CPUID_UNUSED = 0xFFFFFFFF  # no CPUID leaf has this function and index
+
+
 def _copy(struct: ctypes.Structure) -> ctypes.Structure:
     """An independent copy of a ctypes structure (not sharing its buffer)."""
     return type(struct).from_buffer_copy(struct)
@@ -586,8 +589,17 @@ class Vcpu(_FdOwner):
 
     def get_cpuid2(self, max_entries: int = 256) -> list[abi.kvm_cpuid_entry2]:
         buf = abi.kvm_cpuid2_of(_uint(max_entries, 16, "max_entries"))
+        # Some kernels (6.1) leave nent as passed on success: mark every slot so
+        # the entries KVM did not write can be told apart.
+        for i in range(buf.nent):
+            buf.entries[i].function = buf.entries[i].index = _CPUID_UNUSED
         _ioctl(self._fd, "KVM_GET_CPUID2", buf)
-        return [_copy(buf.entries[i]) for i in range(buf.nent)]
+        count = buf.nent
+        for i in range(count):
+            if buf.entries[i].function == _CPUID_UNUSED and buf.entries[i].index == _CPUID_UNUSED:
+                count = i
+                break
+        return [_copy(buf.entries[i]) for i in range(count)]
 
     # -- misc -------------------------------------------------------------------
 
