@@ -52,6 +52,7 @@ async def _serve(cfg) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, machine._finish, 0)
     server = None
+    ran = False
     try:
         if cfg.api_socket:
             try:
@@ -65,13 +66,15 @@ async def _serve(cfg) -> int:
                 server = await serve(cfg.api_socket, dispatcher, limits=limits)
             except ServeError as exc:   # before any device starts: a usage error
                 raise ConfigError(f"--api-socket: {exc}") from None
+        ran = True
         return await machine.run()
     finally:
         if server is not None:
             server.close()
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-        remove_console_sockets(cfg)
+        if ran:   # else the sockets at those paths are not ours (e.g. another vmmd's)
+            remove_console_sockets(cfg)
 
 
 def remove_console_sockets(cfg) -> None:
