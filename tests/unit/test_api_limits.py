@@ -145,8 +145,8 @@ def test_idle_connection_is_closed_with_an_error_line(sock_path, trickle):  # no
             assert json.loads(await r.readline())["id"] == 1   # a request restarts the clock
 
             async def trickle_bytes():
-                for _ in range(1000):   # a byte at a time never completes a request
-                    w.write(b" ")
+                for i in range(1000):   # bytes and blank lines are not requests
+                    w.write(b" " if i % 2 else b"\n")
                     await asyncio.sleep(0.05)
             t = asyncio.create_task(trickle_bytes()) if trickle else None
             bye = json.loads(await asyncio.wait_for(r.readline(), 30))
@@ -190,5 +190,25 @@ def test_client_that_never_reads_its_replies_is_dropped(sock_path):  # noqa: F81
                     break
                 await asyncio.sleep(0.05)
             assert server.timed_out == 1 and not server._clients
+            w.close()
+    run(main())
+
+
+def test_a_slow_request_does_not_count_as_idle(sock_path):  # noqa: F811
+    async def main():
+        registry = build_registry(FakeVm())
+
+        async def slow(params):
+            await asyncio.sleep(1.0)
+            return "done"
+        registry.add("test.slow", slow)
+        limits = ApiLimits(idle_timeout=0.5)
+        async with await serve(sock_path, Dispatcher(registry), limits=limits) as server:
+            r, w = await connect(sock_path)
+            w.write(line("test.slow", id=1))
+            assert json.loads(await r.readline())["result"] == "done"
+            w.write(line("vm.info", id=2))       # right after the slow answer: not idle
+            assert json.loads(await r.readline())["id"] == 2
+            assert server.timed_out == 0
             w.close()
     run(main())

@@ -211,7 +211,6 @@ class ApiServer:
                     break
                 line = bytes(buf[:nl]).strip()
                 del buf[:nl + 1]
-                deadline = loop.time() + self.limits.idle_timeout  # a complete line
                 scanned = 0
                 if discarding:  # tail of the over-long line, already answered
                     discarding = False
@@ -228,6 +227,9 @@ class ApiServer:
                         await self._send(writer, response)
                 finally:
                     self._busy.discard(task)
+                # A request answered: the idle clock restarts (blank lines and
+                # over-long junk do not restart it).
+                deadline = loop.time() + self.limits.idle_timeout
                 if self._closing:
                     return
 
