@@ -22,6 +22,7 @@ _fd = os.memfd_create("fuzz-ram", os.MFD_CLOEXEC)
 os.ftruncate(_fd, LAYOUT.total_size)
 MEM = DeviceMemory(GuestMemory(_fd, LAYOUT))
 ZERO = bytes(64 * KiB)
+_dirty = 64 * KiB
 
 
 def one_input(data: bytes) -> None:
@@ -34,8 +35,11 @@ def one_input(data: bytes) -> None:
     dsize, asize, usize = ring_sizes(size)
     desc, avail = 0, dsize
     used = (avail + asize + 3) & ~3
-    MEM.guest.write(0, ZERO)
-    MEM.guest.write(0, data[4:4 + 60 * KiB])   # descriptors, avail ring, indirect tables, buffers
+    global _dirty
+    image = data[4:4 + 60 * KiB]               # descriptors, avail ring, indirect tables, buffers
+    MEM.guest.write(0, ZERO[:max(_dirty, used + usize)])   # what the last input (and we) wrote
+    MEM.guest.write(0, image)
+    _dirty = max(len(image), used + usize)
     q = SplitQueue(MEM, size, desc, avail, used, event_idx=event_idx, indirect=indirect,
                    max_chain_len=max_chain_len)
     q.last_avail_idx = MEM.read_u16(avail + 2) - start_idx & 0xFFFF if start_idx else 0
