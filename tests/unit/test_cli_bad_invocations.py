@@ -60,7 +60,10 @@ def d():
     for name, data in files.items():
         with open(os.path.join(root, name), "wb") as f:
             f.write(data)
-    os.chmod(os.path.join(root, "secret.img"), 0o600)
+    with open(os.path.join(root, "secret-kernel"), "wb") as f:
+        f.write(minimal_elf())
+    for name in ("secret.img", "secret-kernel"):
+        os.chmod(os.path.join(root, name), 0o600)
     os.mkdir(os.path.join(root, "ro-dir"), 0o555)
     with open(os.path.join(root, "plain-file"), "w"):
         pass
@@ -228,6 +231,7 @@ def test_unreadable_image_and_unwritable_dirs_as_unprivileged_user(d):
         (["--api-socket", f"{d}/ro-dir/api.sock"], "not writable"),
     ):
         assert_usage_error(run_vmmd(args + ["--raw", f"{d}/guest.elf"], as_nobody=True), needle)
+    assert_usage_error(run_vmmd(["--kernel", f"{d}/secret-kernel"], as_nobody=True), "not readable")
 
 
 def test_cmdline_with_nul_from_config_file(d):
