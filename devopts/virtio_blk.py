@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from devopts import Opt, OptionError, choice, int_range, parse_table, power_of_two, shorten
 
 CACHE_MODES = ("writeback", "direct", "unsafe")
+FORMATS = ("qcow2", "raw")         # format=; absent: probed (qcow2 magic, else raw)
+QCOW2_MAGIC = b"QFI\xfb"
 ID_BYTES = 20                      # VIRTIO_BLK_ID_BYTES: the serial's size
 MAX_QUEUES = 64
 DEFAULT_QUEUE_SIZE = 256
@@ -26,6 +28,7 @@ class BlkOptions:
     serial: bytes = b""
     num_queues: int = 1
     queue_size: int = DEFAULT_QUEUE_SIZE
+    image_format: str | None = None    # None: probed by the device
 
 
 def _serial(text: str) -> bytes:
@@ -40,11 +43,12 @@ OPTIONS = (
     Opt("nocache", "cache", flag_value="direct"),
     Opt("cache", "cache", choice(*CACHE_MODES)),
     Opt("serial", "serial", _serial, aliases=("ser",)),
+    Opt("format", "image_format", choice(*FORMATS)),
     Opt("num_queues", "num_queues", int_range(1, MAX_QUEUES)),
     Opt("queue_size", "queue_size", power_of_two(MIN_QUEUE_SIZE, MAX_QUEUE_SIZE)),
 )
 _DEFAULTS = {"read_only": False, "cache": "writeback", "serial": b"", "num_queues": 1,
-             "queue_size": DEFAULT_QUEUE_SIZE}
+             "queue_size": DEFAULT_QUEUE_SIZE, "image_format": None}
 
 
 def parse(args) -> BlkOptions:
@@ -57,10 +61,11 @@ def parse(args) -> BlkOptions:
     return BlkOptions(path, **parse_table("virtio-blk", OPTIONS, rest, _DEFAULTS))
 
 
-def check_image(path: str, read_only: bool) -> None:
+def check_image(path: str, read_only: bool, image_format: str | None = None) -> None:
     """What the device will need of its image, checked by vmmd up front (OptionError):
-    a regular file or block device, openable as the device will open it, and for
-    a file a non-zero size that is a whole number of sectors."""
+    a regular file or block device, openable as the device will open it, not empty,
+    and a raw image a whole number of sectors (a qcow2 image's metadata is checked
+    by the device's own qcow2 parser)."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -76,9 +81,11 @@ def check_image(path: str, read_only: bool) -> None:
         raise OptionError(f"virtio-blk: image {path}: cannot open to {how}: {exc.strerror}") from None
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
+        magic = os.pread(fd, len(QCOW2_MAGIC), 0)
     finally:
         os.close(fd)
     if size == 0:
         raise OptionError(f"virtio-blk: image {path}: is empty")
-    if size % SECTOR:
+    qcow2 = image_format == "qcow2" or image_format is None and magic == QCOW2_MAGIC
+    if not qcow2 and size % SECTOR:
         raise OptionError(f"virtio-blk: image {path}: size {size} is not a multiple of {SECTOR} bytes")

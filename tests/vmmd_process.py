@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,15 +17,21 @@ class VmmdProcess:
     """One vmmd run. COM1 goes to a file the test reads; the API socket is always on."""
 
     def __init__(self, tmp_path: Path, args: list[str], *, com1: str | None = "file",
-                 sandbox: str = "on", extra_env: dict | None = None):
+                 sandbox: str = "on", extra_env: dict | None = None, netns: str | None = None):
         self.tmp = tmp_path
         self.console = tmp_path / "com1.out"
         self.api = str(tmp_path / "api.sock")
         self.stderr_path = tmp_path / "vmmd.stderr"
         cmd = [sys.executable, "-m", "vmmd.cli", "--api-socket", self.api, "--sandbox", sandbox]
+        self.com1_socket = tmp_path / "com1.sock"
         if com1 == "file":
             cmd += ["-l", f"com1,file,{self.console}"]
+        elif com1 == "socket":  # read into self.console by a thread; write_console() types
+            cmd += ["-l", f"com1,socket,{self.com1_socket}"]
+        self._com1: socket.socket | None = None
         cmd += args
+        if netns is not None:  # ip execs vmmd after joining the namespace: same pid
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         self.cmd = cmd
         env = dict(os.environ)
         env.update(extra_env or {})
@@ -33,6 +40,33 @@ class VmmdProcess:
                                      stderr=self._stderr, env=env, start_new_session=True)
 
     # -- console --------------------------------------------------------------
+    def attach_console(self, timeout: float = 60.0) -> None:
+        """With com1="socket": connect and copy the console into self.console."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(self.com1_socket))
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"COM1 socket never accepted: {self.stderr()[-2000:]}")
+                time.sleep(0.1)
+        self._com1 = s
+
+        def copy() -> None:
+            with open(self.console, "ab") as out:
+                while chunk := s.recv(65536):
+                    out.write(chunk)
+                    out.flush()
+        threading.Thread(target=copy, daemon=True).start()
+
+    def write_console(self, data: bytes) -> None:
+        if self._com1 is None:
+            raise AssertionError("COM1 is not a socket (com1='socket')")
+        self._com1.sendall(data)
+
     def output(self) -> str:
         try:
             return self.console.read_text(errors="replace")
@@ -63,14 +97,16 @@ class VmmdProcess:
         while time.monotonic() < deadline:
             if os.path.exists(self.api):
                 try:
-                    if self.rpc("vm.info")["state"] != "created":
+                    reply = self.rpc_raw({"jsonrpc": "2.0", "id": 1, "method": "vm.info"})
+                    if reply and reply.get("result", {}).get("state", "created") != "created":
                         return
-                except OSError:
+                except (OSError, ValueError):
                     pass
             if self.proc.poll() is not None:
                 raise AssertionError(f"vmmd exited {self.proc.returncode}: {self.stderr()[-4000:]}")
             time.sleep(0.05)
-        raise AssertionError("the API socket never answered")
+        raise AssertionError(f"the API socket never answered within {timeout} s; "
+                             f"vmmd stderr tail: {self.stderr()[-3000:]}")
 
     def rpc_raw(self, request: dict | list | bytes, timeout: float = 30.0):
         data = request if isinstance(request, bytes) else json.dumps(request).encode()

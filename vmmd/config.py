@@ -178,6 +178,9 @@ def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+BLK_FORMATS = blkopts.FORMATS   # virtio-blk format= (devopts.virtio_blk's option table)
+
+
 def parse_slot(text: str, where: str = "-s") -> SlotConfig:
     """'SLOT[:FUNC],DEVICE[,ARGS...]' -> SlotConfig (device args checked here too)."""
     shown = _short(text, 60)
@@ -210,7 +213,7 @@ def _check_blk(args) -> None:
     if not args:
         raise OptionError("disk image: missing path")
     opts = blkopts.parse(args)
-    blkopts.check_image(opts.path, opts.read_only)
+    blkopts.check_image(opts.path, opts.read_only, opts.image_format)
 
 
 def _check_net(args) -> None:

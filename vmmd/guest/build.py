@@ -39,7 +39,7 @@ from vmmd.boot import BootError
 from vmmd.boot.bzimage import extract_vmlinux
 from vmmd.guest.initramfs import Initramfs
 
-BUILD_VERSION = 2  # bump when the artifacts change for the same packages
+BUILD_VERSION = 3  # bump when the artifacts change for the same packages
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 DISK_SIZE = 64 << 20
@@ -59,7 +59,8 @@ BUSYBOX_APPLETS = (
     "mknod", "modprobe", "mount", "mv", "od", "ping", "poweroff", "printf", "ps",
     "reboot", "rm", "rmmod", "sed", "seq", "setsid", "sha256sum", "sleep", "sort",
     "stat", "sync", "tail", "test", "tr", "true", "udhcpc", "umount", "uname", "uniq",
-    "wc", "xargs", "[",
+    "wc", "xargs", "[", "stty", "blkdiscard", "fstrim", "blockdev", "nproc", "uptime",
+    "mkfs.ext2", "awk", "tee", "usleep", "timeout",
 )
 
 # The base command line for this guest. Hosts whose KVM emulates CPL0 need
@@ -231,6 +232,30 @@ def select_modules(moddir: Path, wanted=MODULES) -> list[tuple[str, bytes, list[
 
 # ---- initramfs ----
 
+# The command channel on COM2 (ttyS1): the host writes "ID COMMAND" lines;
+# each answer is framed so that any output can be told apart from the frame.
+AGENT_BEGIN = "@@vmmd-begin"
+AGENT_END = "@@vmmd-end"
+AGENT_READY = "@@vmmd-agent-ready"
+
+
+def agent_script() -> str:
+    return f"""#!/bin/sh
+# vmmd-guest command agent on /dev/ttyS1: one "ID COMMAND" line in, the
+# command's output and exit status out between {AGENT_BEGIN}/{AGENT_END} ID.
+stty -F /dev/ttyS1 raw -echo clocal 2>/dev/null
+exec </dev/ttyS1 >/dev/ttyS1 2>&1
+printf '\n{AGENT_READY}\n'
+while read -r id cmd; do
+    [ -n "$id" ] || continue
+    printf '\n{AGENT_BEGIN} %s\n' "$id"
+    sh -c "$cmd" </dev/null
+    rc=$?
+    printf '\n{AGENT_END} %s %d\n' "$id" "$rc"
+done
+"""
+
+
 def init_script(release: str, modules: list[str]) -> str:
     mods = " ".join(modules)
     return f"""#!/bin/sh
@@ -239,10 +264,13 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev || echo "vmmd-guest: devtmpfs mount failed"
+mkdir -p /tmp && mount -t tmpfs tmpfs /tmp
 echo "{INIT_STARTED}"
 for m in {mods}; do
     insmod /lib/modules/{release}/$m || echo "vmmd-guest: insmod $m failed"
 done
+ip link set lo up 2>/dev/null
+[ -c /dev/ttyS1 ] && setsid /bin/agent &
 echo "{READY}"
 setsid cttyhack sh
 echo "vmmd-guest: shell exited, powering off"
@@ -283,6 +311,7 @@ def build_initramfs(busybox: bytes, release: str, modules) -> bytes:
         dep_lines.append(f"{rel}: {' '.join(ordered)}".rstrip() + "\n")
     fs.add_file(f"{base}/modules.dep", "".join(dep_lines).encode())
     fs.add_file("init", init_script(release, [m[0] for m in modules]).encode(), mode=0o755)
+    fs.add_file("bin/agent", agent_script().encode(), mode=0o755)
     return fs.to_bytes()
 
 

@@ -1,0 +1,207 @@
+"""End-to-end tests: the stock Debian kernel and the default guest under vmmd,
+checked through the guest's own Linux drivers.
+
+They need a hardware-style KVM (VMX/SVM): on a PVM host a guest's user space
+cannot run (docs/pvm-boot.md), so there they skip and ``scripts/test`` runs
+them inside the nested lab (``scripts/lab``) instead.
+
+One guest is booted per session for every check that can share it: 2 vCPUs,
+the lpc bridge (COM1 to a file, COM2 the command channel), a read-write and a
+read-only virtio-blk disk, a virtio-net NIC on a tap in a private network
+namespace and one on the unprivileged switch, and a virtio-balloon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import is_root, kvm_available
+from tests.e2e.guest_agent import GuestAgent
+from tests.vmmd_process import VmmdProcess
+
+BOOT_TIMEOUT = 900      # seconds to the agent; the lab (nested, emulated) is slow
+DATA_DISK_SIZE = 16 << 20
+RO_DISK_SIZE = 4 << 20
+TAP = "vmmde2e0"
+HOST_IP, GUEST_IP = "10.77.0.1", "10.77.0.2"
+SWITCH_IPS = ("10.78.0.1", "10.78.0.2")
+
+
+def hardware_kvm() -> str | None:
+    """None when /dev/kvm can run a stock guest's user space, else why not."""
+    reason = kvm_available()
+    if reason:
+        return reason
+    from vmmd.assists import host_is_pvm
+    if host_is_pvm():
+        return ("this host's KVM is PVM: a stock guest cannot reach user space here; "
+                "scripts/test runs these tests inside the nested lab (scripts/lab)")
+    if not is_root():
+        return "needs root (network namespaces, taps)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = hardware_kvm()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "e2e" in item.keywords:
+            item.add_marker(skip)
+
+
+def pattern(size: int, seed: int) -> bytes:
+    block = bytes((i * 31 + seed) & 0xFF for i in range(4096))
+    return b"".join(block[:1] + (n + seed).to_bytes(4, "little") + block[5:]
+                    for n in range(size // 4096))
+
+
+@pytest.fixture(scope="session")
+def default_guest():
+    # Inside the lab there is no package registry: scripts/test builds the
+    # guest on the host first and the lab only reads the cache.
+    verb = "path" if os.environ.get("VMMD_IN_LAB") else "build"
+    r = subprocess.run([sys.executable, "-m", "vmmd.guest.build", verb, "--json"],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        pytest.fail(f"vmmd-guest build failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout)
+
+
+class NetNs:
+    def __init__(self, name: str):
+        self.name = name
+        subprocess.run(["ip", "netns", "add", name], check=True)
+
+    def ip(self, *args: str) -> None:
+        subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def switch(e2e_dir):
+    path = e2e_dir / "switch.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "devices.virtio_net.switch", str(path)],
+                            stdin=subprocess.DEVNULL)
+    yield str(path)
+    proc.terminate()
+    proc.wait(10)
+
+
+def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
+         cmdline_extra: str = "quiet") -> tuple[VmmdProcess, GuestAgent]:
+    com2 = tmp / "com2.sock"
+    vm = VmmdProcess(tmp, [
+        "-s", "31,lpc", "-l", f"com2,socket,{com2}", "--device-timeout", "30",
+        *args,
+        "--kernel", guest["kernel"], "--initrd", guest["initrd"],
+        "--cmdline", f"{guest['cmdline']} {cmdline_extra}".strip(),
+    ], netns=netns, com1="socket")
+    vm.wait_api(timeout=600)  # Python start-up alone takes tens of seconds in the lab
+    vm.attach_console()
+    agent = GuestAgent(str(com2))
+    agent.connect(60)
+    try:
+        agent.wait_ready(BOOT_TIMEOUT)
+    except Exception:
+        vm.stop()
+        raise AssertionError(f"the guest agent never answered.\nconsole tail: "
+                             f"{vm.output()[-3000:]}\nvmmd stderr: {vm.stderr()[-3000:]}")
+    return vm, agent
+
+
+@pytest.fixture(scope="session")
+def data_disk(e2e_dir):
+    path = e2e_dir / "data.img"
+    path.write_bytes(pattern(DATA_DISK_SIZE, 7))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ro_disk(e2e_dir):
+    path = e2e_dir / "ro.img"
+    path.write_bytes(pattern(RO_DISK_SIZE, 99))
+    return path
+
+
+@pytest.fixture(scope="session")
+def linux(default_guest, e2e_dir, data_disk, ro_disk, switch):
+    """(vm, agent, netns): the shared guest, booted once."""
+    ns = NetNs(f"vmmde2e-{uuid.uuid4().hex[:6]}")
+    tmp = e2e_dir / "main"
+    tmp.mkdir()
+    try:
+        vm, agent = boot(tmp, [
+            "-c", "2", "-m", "512M",
+            "-s", f"2,virtio-blk,{data_disk},serial=data",
+            "-s", f"3,virtio-blk,{ro_disk},ro,serial=ro",
+            "-s", f"4,virtio-net,tap={TAP}",
+            "-s", f"5,virtio-net,socket={switch}",
+            "-s", "6,virtio-balloon",
+        ], default_guest, netns=ns.name)
+    except BaseException:
+        ns.delete()
+        raise
+    ns.ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
+    ns.ip("link", "set", TAP, "up")
+    yield vm, agent, ns
+    agent.close()
+    vm.stop()
+    ns.delete()
+
+
+@pytest.fixture(scope="session")
+def peer(default_guest, e2e_dir, switch):
+    """A second guest on the switch (one vCPU, no disks)."""
+    tmp = e2e_dir / "peer"
+    tmp.mkdir()
+    vm, agent = boot(tmp, ["-c", "1", "-m", "256M", "-s", f"5,virtio-net,socket={switch}",
+                           "--no-reboot"], default_guest)
+    yield vm, agent
+    agent.close()
+    vm.stop()
+
+
+def guest_blockdev(agent: GuestAgent, serial: str) -> str:
+    """/dev/vdX of the virtio-blk disk with this serial."""
+    out = agent.check("for d in /sys/block/vd*; do echo $(basename $d) $(cat $d/serial); done")
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1] == serial:
+            return f"/dev/{parts[0]}"
+    raise AssertionError(f"no virtio disk with serial {serial!r}: {out!r}")
+
+
+def guest_iface(agent: GuestAgent, index: int) -> str:
+    """The name of the guest's index-th virtio NIC in PCI order (eth0, eth1...)."""
+    out = agent.check("ls /sys/class/net")
+    names = sorted(n for n in out.split() if n != "lo")
+    return names[index]
+
+
+def memfd_allocated(vm: VmmdProcess) -> int:
+    """Bytes the host has allocated for vmmd's guest-memory memfd."""
+    best = 0
+    fd_dir = Path(f"/proc/{vm.proc.pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            if os.readlink(fd).startswith("/memfd:"):
+                best = max(best, os.stat(fd).st_blocks * 512)
+        except OSError:
+            continue
+    return best
