@@ -280,3 +280,16 @@ def test_two_read_only_disks_may_share_an_image(files):
     with pytest.raises(ConfigError, match="already used"):
         parse_args(["-s", f"2,virtio-blk,{img},ro", "-s", f"3,virtio-blk,{img}",
                     "--raw", files["test.elf"]])
+
+
+def test_blk_image_format_checks(files, tmp_path):
+    """A qcow2 image need not be whole sectors (its own parser checks it in the device);
+    a raw one must; format= takes qcow2 or raw only."""
+    q = tmp_path / "q.qcow2"
+    q.write_bytes(b"QFI\xfb" + b"\0" * 1000)
+    for args in ([str(q)], [str(q), "format=qcow2"]):
+        parse_args(["-s", "2,virtio-blk," + ",".join(args), "--raw", files["test.elf"]])
+    with pytest.raises(ConfigError, match="multiple of 512"):
+        parse_args(["-s", f"2,virtio-blk,{q},format=raw", "--raw", files["test.elf"]])
+    with pytest.raises(ConfigError, match="format="):
+        parse_args(["-s", f"2,virtio-blk,{files['disk.img']},format=vmdk", "--raw", files["test.elf"]])
