@@ -15,6 +15,8 @@ import tty
 
 from vmmd.config import ConfigError, error_line, parse_or_exit
 
+from vmmd.snapshot.format import SnapshotError
+
 
 def raise_nofile_limit() -> tuple[int, int]:
     """RLIMIT_NOFILE soft -> hard: the control socket's connection cap leaves the
@@ -41,13 +43,13 @@ def raw_terminal(enabled: bool):
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
-async def _serve(cfg) -> int:
+async def _serve(cfg, prepared=None) -> int:
     from vmmd.api.jsonrpc import Dispatcher
     from vmmd.api.methods import build_registry
     from vmmd.api.server import ServeError, serve
     from vmmd.machine import Machine
 
-    machine = Machine(cfg)
+    machine = Machine(cfg, memory=prepared.memory if prepared else None, restore=prepared)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, machine._finish, 0)
@@ -89,8 +91,34 @@ def remove_console_sockets(cfg) -> None:
                 os.unlink(path)
 
 
+def _restore_or_exit(argv: list[str]):
+    """`vmmd --restore DIR ...`: the restore command line and the whole snapshot,
+    checked before anything starts (vmmd/snapshot/restore.py)."""
+    import time
+    entered = time.monotonic()
+    from vmmd.config import ConfigError
+    from vmmd.snapshot import restore
+    from vmmd.snapshot.format import SnapshotError
+    try:
+        req = restore.parse_restore_args(argv)
+        prepared = restore.prepare(req)
+    except (ConfigError, SnapshotError) as exc:
+        print(f"vmmd: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        print(f"vmmd: error: snapshot: {exc}", file=sys.stderr)
+        sys.exit(2)
+    prepared.timings["main_at"] = entered
+    return prepared.cfg, prepared
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_or_exit(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    prepared = None
+    if any(a == "--restore" or a.startswith("--restore=") for a in argv):
+        cfg, prepared = _restore_or_exit(argv)
+    else:
+        cfg = parse_or_exit(argv)
     logging.basicConfig(
         level=getattr(logging, cfg.log_level.upper(), logging.INFO),
         format="vmmd %(levelname)s %(name)s: %(message)s\r" if os.isatty(2) else "vmmd %(levelname)s %(name)s: %(message)s",
@@ -100,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop   # here, not at the top: a rejected command line exits before asyncio loads
     try:
         with raw_terminal(stdio_console):
-            code = uvloop.run(_serve(cfg))
+            code = uvloop.run(_serve(cfg, prepared))
     except SystemExit:
         raise
     except ConfigError as exc:   # found while setting up, before any device process
         print(error_line(exc), file=sys.stderr)
         return 2
+    except SnapshotError as exc:  # refused by a device or KVM while restoring: torn down, nothing ran
+        print(error_line(exc), file=sys.stderr)
+        code = 2
     except Exception as exc:
         logging.getLogger("vmmd").error("%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))
         code = 1

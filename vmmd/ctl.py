@@ -183,6 +183,50 @@ class Command:
     args: tuple[Arg, ...] = ()
     params: Callable[[argparse.Namespace], dict | list | None] = lambda a: None
     show: Callable[[Any], str] = _show_json
+    flags: tuple[tuple[tuple[str, ...], dict], ...] = ()   # optional --flags: (spellings, add_argument kwargs)
+    run: Callable[[argparse.Namespace, str, str, Any], Any] | None = None  # custom call (path, method, params)
+
+
+def _snapshot_with_progress(args: argparse.Namespace, path: str, method: str, params: Any) -> Any:
+    """snapshot.create on one connection; vm.info's progress polled on another, one line on stderr."""
+    import threading
+    box: dict = {}
+
+    def work():
+        try:
+            box["result"] = call(path, method, params, max(args.timeout, 600.0))
+        except BaseException as exc:  # re-raised in the main thread
+            box["error"] = exc
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    shown = False
+    while t.is_alive():
+        t.join(0.2)
+        if not t.is_alive():
+            break
+        try:
+            snap = call(path, "vm.info", None, 2.0).get("snapshot")
+        except (ConnectionFailed, RpcError, AttributeError):
+            snap = None
+        if snap:
+            total = snap.get("bytes_total") or 1
+            done = snap.get("bytes_done") or 0
+            sys.stderr.write(f"\rsnapshot {snap.get('phase', '?'):>8}: {100 * done // total:3d}% "
+                             f"({done >> 20}/{total >> 20} MiB)")
+            sys.stderr.flush()
+            shown = True
+    if shown:
+        sys.stderr.write("\n")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _show_snapshot(r: dict) -> str:
+    return (f"snapshot {r.get('type')} {r.get('id')} written to {r.get('path')}: "
+            f"{_bytes(r.get('ram_bytes_written', 0))} of RAM, VM paused {r.get('paused_ms')} ms, "
+            f"now {r.get('state')}")
 
 
 def _json_params(text: str | None) -> dict | list | None:
@@ -230,6 +274,13 @@ COMMANDS: list[Command] = [
             show=lambda r: f"balloon target {r.get('target_mib')} MiB (now {r.get('actual_mib')} MiB)"),
     Command("balloon info", "show the balloon's target, size, guest stats and reclaimed memory",
             "balloon.info", show=_show_info),
+    Command("snapshot", "save the VM to a directory (resumes it unless --stop)", "snapshot.create",
+            args=(Arg("dir", "new or empty directory for the snapshot", metavar="DIR"),),
+            flags=((("--stop",), {"action": "store_true", "help": "leave the VM paused afterwards"}),
+                   (("--diff-from",), {"metavar": "DIR", "help": "only pages dirtied since this snapshot"})),
+            params=lambda a: {"path": os.path.abspath(a.dir), "resume": not a.stop,
+                              **({"diff_from": os.path.abspath(a.diff_from)} if a.diff_from else {})},
+            run=_snapshot_with_progress, show=_show_snapshot),
     Command("call", "call any method", lambda a: a.method_name,
             args=(Arg("method_name", "JSON-RPC method name", metavar="METHOD"),
                   Arg("params_json", "params as a JSON object or array", _json_params, "?")),
@@ -277,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         for arg in cmd.args:
             sp.add_argument(arg.name, help=arg.help, type=arg.type, nargs=arg.nargs,
                             metavar=arg.metavar or arg.name.upper())
+        for spellings, kwargs in cmd.flags:
+            sp.add_argument(*spellings, **kwargs)
         _add_common(sp, top=False)
         sp.set_defaults(cmd=cmd)
     return parser
@@ -291,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd: Command = args.cmd
     method = cmd.method(args) if callable(cmd.method) else cmd.method
     try:
-        result = call(path, method, cmd.params(args), args.timeout)
+        if cmd.run is not None:
+            result = cmd.run(args, path, method, cmd.params(args))
+        else:
+            result = call(path, method, cmd.params(args), args.timeout)
     except ConnectionFailed as exc:
         print(f"vmmctl: {exc}", file=sys.stderr)
         return EXIT_NO_CONNECTION

@@ -318,7 +318,7 @@ def test_discover_lists_every_method_with_schemas():
     methods = {m["name"]: m for m in doc["methods"]}
     expected = {"vm.info", "vm.pause", "vm.resume", "vm.reset", "vm.shutdown", "device.list",
                 "device.restart", "device.stats", "device.set_link", "debug.vcpus", "vmm.version", "rpc.discover", "test.boom", "test.echo",
-                "test.unserializable", "balloon.set", "balloon.info"}
+                "test.unserializable", "balloon.set", "balloon.info", "snapshot.create"}
     assert set(methods) == expected
     for m in methods.values():
         assert m["summary"] is not None and "schema" in m["result"]

@@ -30,6 +30,7 @@ STRUCT_SIZES = {
     "kvm_debugregs": 128,
     "kvm_mp_state": 4,
     "kvm_clock_data": 48,
+    "kvm_device_attr": 24,
     "kvm_userspace_memory_region": 32,
     "kvm_dirty_log": 16,
     "kvm_clear_dirty_log": 24,
@@ -210,6 +211,9 @@ IOCTL_NUMBERS = {
     "KVM_GET_XCRS": 0x8188AEA6,
     "KVM_SET_XCRS": 0x4188AEA7,
     "KVM_KVMCLOCK_CTRL": 0x0000AEAD,
+    "KVM_SET_DEVICE_ATTR": 0x4018AEE1,
+    "KVM_GET_DEVICE_ATTR": 0x4018AEE2,
+    "KVM_HAS_DEVICE_ATTR": 0x4018AEE3,
 }
 
 

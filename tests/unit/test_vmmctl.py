@@ -226,3 +226,27 @@ def test_nested_commands_are_one_entry(monkeypatch, api, capsys):
     assert vmmctl(capsys, "--api-socket", path, "demo", "set", "128")[0] == 0
     assert vmmctl(capsys, "--api-socket", path, "demo", "set", "lots")[0] == 2
     assert vmmctl(capsys, "--api-socket", path, "demo")[0] == 2
+
+
+def test_snapshot_command_shows_progress_and_passes_options(api, capsys, tmp_path):
+    path, vm = api
+    calls, progress = [], {}
+
+    async def snapshot(p, resume=True, diff_from=None):
+        calls.append((p, resume, diff_from))
+        progress.update(phase="ram", bytes_done=256 << 20, bytes_total=512 << 20, path=p)
+        await asyncio.sleep(0.6)
+        progress.clear()
+        return {"path": p, "id": "abc", "type": "diff" if diff_from else "full",
+                "ram_bytes_written": 4 << 20, "paused_ms": 12.5, "total_ms": 30.0,
+                "state": "running" if resume else "paused"}
+
+    base_info = vm.info
+    vm.snapshot = snapshot
+    vm.info = lambda: {**base_info(), "snapshot": dict(progress) or None}
+    code, out, err = vmmctl(capsys, "--api-socket", path, "snapshot", str(tmp_path / "s"), "--stop",
+                            "--diff-from", str(tmp_path / "p"))
+    assert code == 0, err
+    assert calls == [(str(tmp_path / "s"), False, str(tmp_path / "p"))]
+    assert "snapshot diff abc" in out and "now paused" in out
+    assert "ram:  50% (256/512 MiB)" in err

@@ -174,6 +174,7 @@ KVM_CAP_IOEVENTFD_NO_LENGTH = 100
 KVM_CAP_CHECK_EXTENSION_VM = 105
 KVM_CAP_X86_SMM = 117
 KVM_CAP_SPLIT_IRQCHIP = 121
+KVM_CAP_VCPU_ATTRIBUTES = 127
 KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
 KVM_CAP_MAX_VCPU_ID = 128
 KVM_CAP_X2APIC_API = 129
@@ -516,6 +517,17 @@ class kvm_clock_data(ctypes.Structure):
         ("realtime", c_uint64),
         ("host_tsc", c_uint64),
         ("pad", c_uint32 * 4),
+    ]
+
+
+class kvm_device_attr(ctypes.Structure):
+    """KVM_{SET,GET,HAS}_DEVICE_ATTR on a vCPU fd (KVM_CAP_VCPU_ATTRIBUTES):
+    `addr` points at the attribute's value (a u64 for KVM_VCPU_TSC_OFFSET)."""
+    _fields_ = [
+        ("flags", c_uint32),
+        ("group", c_uint32),
+        ("attr", c_uint64),
+        ("addr", c_uint64),
     ]
 
 
@@ -954,3 +966,10 @@ KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
 KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
 KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
 KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xAD)
+KVM_SET_DEVICE_ATTR = _IOW(KVMIO, 0xE1, kvm_device_attr)
+KVM_GET_DEVICE_ATTR = _IOW(KVMIO, 0xE2, kvm_device_attr)
+KVM_HAS_DEVICE_ATTR = _IOW(KVMIO, 0xE3, kvm_device_attr)
+
+# vCPU attribute groups (Documentation/virt/kvm/devices/vcpu.rst, x86)
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0

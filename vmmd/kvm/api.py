@@ -614,6 +614,32 @@ class Vcpu(_FdOwner):
         if the guest has not enabled kvmclock)."""
         _ioctl(self._fd, "KVM_KVMCLOCK_CTRL")
 
+    # -- vCPU device attributes (KVM_CAP_VCPU_ATTRIBUTES) -----------------------
+
+    def has_attr(self, group: int, attr: int) -> bool:
+        """Whether KVM knows this vCPU attribute (False on ENXIO/ENOTTY/EINVAL)."""
+        a = abi.kvm_device_attr(group=_uint(group, 32, "group"), attr=_uint(attr, 64, "attr"))
+        try:
+            _ioctl(self._fd, "KVM_HAS_DEVICE_ATTR", a)
+        except KvmError as exc:
+            if exc.errno in (errno.ENXIO, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
+                return False
+            raise
+        return True
+
+    def get_attr_u64(self, group: int, attr: int) -> int:
+        value = ctypes.c_uint64()
+        a = abi.kvm_device_attr(group=_uint(group, 32, "group"), attr=_uint(attr, 64, "attr"),
+                                addr=ctypes.addressof(value))
+        _ioctl(self._fd, "KVM_GET_DEVICE_ATTR", a)
+        return value.value
+
+    def set_attr_u64(self, group: int, attr: int, value: int) -> None:
+        buf = ctypes.c_uint64(_uint(value, 64, "attribute value"))
+        a = abi.kvm_device_attr(group=_uint(group, 32, "group"), attr=_uint(attr, 64, "attr"),
+                                addr=ctypes.addressof(buf))
+        _ioctl(self._fd, "KVM_SET_DEVICE_ATTR", a)
+
     def nmi(self) -> None:
         _ioctl(self._fd, "KVM_NMI")
 

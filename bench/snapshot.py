@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Snapshot create and restore for 1 GiB guests, beside `cp --sparse=always`.
+
+Two guests, each with -m 1G (sandbox on, one lpc device):
+  * idle: the ticker guest (prints PING lines; touches a few pages);
+  * half: the incrementer over 512 MiB (every page's first byte non-zero after
+    its first pass; it keeps dirtying them).
+
+For each: snapshot.create (client wall time, vmmd's paused and total time, and
+its phases: capture = devices + vCPUs + VM state, ram = RAM written to the page
+cache, commit = fsync + manifest after the VM resumed),
+size on disk (allocated blocks) and apparent size of the snapshot, then vmmd
+is killed and `vmmd --restore` started; restore-to-first-guest-instruction is
+taken from vmmd's log line "restore: vCPUs started at monotonic T" (the vCPU
+threads enter KVM_RUN right after): spawn -> T, and main() -> T (without the
+interpreter's start and imports), with the snapshot checks and the RAM load
+reported separately. Baseline in the same run: `cp --sparse=always` of the
+snapshot's ram.img to the snapshot's file system and to /dev/shm (tmpfs, as
+the memfd), i.e. copying the same bytes.
+
+    python bench/snapshot.py [--runs 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests.guests.build import build_incrementer, build_ticker  # noqa: E402
+from tests.vmmd_process import VmmdProcess  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _kill(vm: VmmdProcess) -> None:
+    try:
+        os.killpg(vm.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    vm.proc.wait(10)
+    vm.stop()
+
+
+def _allocated(path: str) -> int:
+    total = 0
+    for name in os.listdir(path):
+        total += os.stat(os.path.join(path, name)).st_blocks * 512
+    return total
+
+
+def _apparent(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def _cp(src: str, dst: str) -> float:
+    t = time.monotonic()
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+    dt = time.monotonic() - t
+    os.unlink(dst)
+    return dt * 1000
+
+
+def one(kind: str, guest: str, work: str, ready: str) -> dict:
+    a = os.path.join(work, "a")
+    b = os.path.join(work, "b")
+    snap = os.path.join(work, "snap")
+    os.makedirs(a)
+    os.makedirs(b)
+    from pathlib import Path
+    vm = VmmdProcess(Path(a), ["-m", "1G", "-s", "31,lpc", "--raw", guest, "--raw-mode", "long-cpl3"])
+    try:
+        vm.wait_api(60)
+        vm.wait_for(ready, 120)
+        t = time.monotonic()
+        r = vm.rpc("snapshot.create", {"path": snap}, timeout=300)
+        create_ms = (time.monotonic() - t) * 1000
+    finally:
+        _kill(vm)
+    out = {"guest": kind, "create_client_ms": create_ms, "create_vmmd_ms": r["total_ms"],
+           "paused_ms": r["paused_ms"], "ram_bytes_written": r["ram_bytes_written"],
+           "create_capture_ms": r["phases_ms"]["capture"], "create_ram_ms": r["phases_ms"]["ram"],
+           "create_commit_ms": r["phases_ms"]["commit"],
+           "size_on_disk": _allocated(snap), "apparent_size": _apparent(snap)}
+    ram = os.path.join(snap, "ram.img")
+    out["cp_same_fs_ms"] = _cp(ram, os.path.join(work, "ram.copy"))
+    shm = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        out["cp_to_shm_ms"] = _cp(ram, os.path.join(shm, "ram.copy"))
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    t_spawn = time.monotonic()
+    vm2 = VmmdProcess(Path(b), ["--restore", snap])
+    try:
+        deadline = time.monotonic() + 120
+        m = None
+        while time.monotonic() < deadline and m is None:
+            m = re.search(r"restore: vCPUs started at monotonic ([\d.]+), ([\d.]+) ms after main\(\) "
+                          r"\(snapshot checks ([\d.]+) ms, RAM ([\d.]+) ms, device processes started in "
+                          r"([\d.]+) ms, device states ([\d.]+) ms, KVM state ([\d.]+) ms\)", vm2.stderr())
+            if vm2.proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        if m is None:
+            raise RuntimeError(f"restore did not start: {vm2.stderr()[-2000:]}")
+        vm2.wait_api(60)
+        if kind == "idle":
+            vm2.wait_for("PING", 60)
+        else:
+            vm2.wait_for("B", 60)
+    finally:
+        _kill(vm2)
+    out.update(restore_from_spawn_ms=(float(m.group(1)) - t_spawn) * 1000,
+               restore_from_main_ms=float(m.group(2)), restore_checks_ms=float(m.group(3)),
+               restore_ram_ms=float(m.group(4)), restore_spawn_devices_ms=float(m.group(5)),
+               restore_device_states_ms=float(m.group(6)), restore_kvm_ms=float(m.group(7)))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    guests = {"idle": (str(build_ticker()), "PING 1\n"),
+              "half": (str(build_incrementer(start=0x400000, end=0x400000 + 512 * MiB, passes_per_mark=1)), "BB")}
+    results = []
+    for run in range(args.runs):
+        for kind, (guest, ready) in guests.items():
+            work = tempfile.mkdtemp(prefix="vmmd-bench-snap-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+            try:
+                results.append(one(kind, guest, work, ready))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    if args.json:
+        print(json.dumps({"results": results, "loadavg": load}, indent=1))
+        return 0
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.runs} runs, medians (min-max)")
+    keys = ["create_client_ms", "create_vmmd_ms", "paused_ms", "create_capture_ms", "create_ram_ms",
+            "create_commit_ms", "cp_same_fs_ms", "cp_to_shm_ms",
+            "restore_from_spawn_ms", "restore_from_main_ms", "restore_checks_ms", "restore_ram_ms",
+            "restore_spawn_devices_ms", "restore_device_states_ms", "restore_kvm_ms",
+            "size_on_disk", "apparent_size", "ram_bytes_written"]
+    for kind in ("idle", "half"):
+        rs = [r for r in results if r["guest"] == kind]
+        print(f"\n{kind}:")
+        for k in keys:
+            vals = [r[k] for r in rs]
+            if k in ("size_on_disk", "apparent_size", "ram_bytes_written"):
+                print(f"  {k:24s} {statistics.median(vals) / MiB:9.1f} MiB")
+            else:
+                print(f"  {k:24s} {statistics.median(vals):9.1f} ms ({min(vals):.1f}-{max(vals):.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""snapshot.create: pause, quiesce and save every device process concurrently,
+save vCPUs, VM and RAM, resume (or stay paused).
+
+Diff snapshots need dirty tracking since their parent: after every snapshot
+(and after a restore) vmmd turns KVM dirty logging on for the RAM memslots
+and clears both KVM's and every device's dirty log while the VM is still
+paused; the next diff is the OR of the two logs since then, plus every page
+that is a hole now (ballooned or never touched: zero, costs no space).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import shutil
+import time
+import uuid
+
+import numpy as np
+
+import vmmd
+from vmmd.kvm import abi
+from vmmd.snapshot import clock, config_io, machine_state
+from vmmd.snapshot import devices as devstate
+from vmmd.snapshot import format as fmt
+from vmmd.snapshot import ram as ramio
+from vmmd.snapshot.format import SnapshotError
+from vmmd.snapshot.store import SnapshotWriter, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+# -- dirty tracking ---------------------------------------------------------------------
+def start_tracking(machine, base_id: str) -> None:
+    """Dirty logging on (if not yet), both logs cleared: diffs from `base_id` from now on.
+    Call with the vCPUs stopped."""
+    vm, mem = machine.vm, machine.memory
+    machine.snapshot_base = None
+    try:
+        for slot, region in enumerate(mem.layout.regions):
+            if not getattr(machine, "_dirty_logging", False):
+                vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region),
+                                          abi.KVM_MEM_LOG_DIRTY_PAGES)
+            else:
+                vm.get_dirty_log(slot, region.size // ramio.PAGE)  # read = clear
+    except OSError as exc:
+        log.warning("KVM dirty logging unavailable (%s): no diff snapshots from here", exc)
+        return
+    machine._dirty_logging = True
+    for dev in machine.supervisor.devices.values():
+        if dev.dirty_log is not None and dev.ready:
+            try:
+                dev.harvest_dirty()
+            except Exception as exc:
+                log.warning("device %s: dirty log not cleared (%s): no diff from this snapshot", dev.spec.id, exc)
+                machine.snapshot_base = None
+                return
+    machine.snapshot_base = base_id
+
+
+def dirty_mask(machine) -> np.ndarray:
+    """Pages (by memfd offset) written since tracking started: KVM | devices | holes."""
+    mem = machine.memory
+    pages = mem.size // ramio.PAGE
+    mask = np.zeros(pages, dtype=bool)
+    for slot, region in enumerate(mem.layout.regions):
+        n = region.size // ramio.PAGE
+        bits = np.unpackbits(np.frombuffer(machine.vm.get_dirty_log(slot, n), dtype=np.uint8),
+                             count=n, bitorder="little").astype(bool)
+        mask[region.offset // ramio.PAGE:region.offset // ramio.PAGE + n] |= bits
+    for dev in machine.supervisor.devices.values():
+        if dev.dirty_log is None:
+            continue
+        gpa_pages = np.asarray(dev.harvest_dirty(), dtype=np.int64)  # raises if it cannot: no diff
+        for region in mem.layout.regions:
+            lo, hi = region.gpa // ramio.PAGE, region.end // ramio.PAGE
+            sel = gpa_pages[(gpa_pages >= lo) & (gpa_pages < hi)]
+            mask[sel - lo + region.offset // ramio.PAGE] = True
+    holes = np.ones(pages, dtype=bool)
+    for start, length in ramio.data_extents(mem.fd, mem.size):
+        holes[start // ramio.PAGE:(start + length) // ramio.PAGE] = False
+    return mask | holes
+
+
+# -- the snapshot ------------------------------------------------------------------------
+def save_vm_section(machine) -> dict:
+    state = machine_state.save_irqchips(machine.vm)
+    state["clock"] = clock.save_clock(machine.vm, machine.vcpus)
+    state["pci"] = devstate.save_pci(machine.pci)
+    state["ncpus"] = len(machine.vcpus)
+    return state
+
+
+async def create(machine, path: str, resume: bool = True, diff_from: str | None = None) -> dict:
+    """The body of snapshot.create (the caller holds the machine's transition lock
+    and has checked the state). Returns a summary."""
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    progress = machine.snapshot_progress = {"phase": "checking", "path": path, "bytes_done": 0,
+                                            "bytes_total": machine.memory.size}
+    parent = None
+    if diff_from is not None:
+        pm, _ = await loop.run_in_executor(None, read_manifest, diff_from)
+        if machine.snapshot_base is None or pm["id"] != machine.snapshot_base:
+            raise SnapshotError(f"{diff_from}: this VM has no dirty tracking since that snapshot "
+                                f"(only since {machine.snapshot_base or 'none'}); take a full snapshot")
+        parent = {"id": pm["id"], "path": os.path.relpath(os.path.abspath(diff_from), os.path.abspath(path))}
+    writer = await loop.run_in_executor(None, SnapshotWriter, path)
+    was_running = machine.state == "running"
+    devices = list(machine.supervisor.devices.values())
+    paused_at = None
+    try:
+        progress["phase"] = "pausing"
+        if was_running:
+            if not await loop.run_in_executor(None, machine.control.pause, 10.0):
+                raise SnapshotError("vCPUs did not stop within 10 s")
+            machine.state = "paused"
+        paused_at = time.monotonic()
+        progress["phase"] = "devices"
+
+        states = await devstate.save_devices(devices)
+        progress["phase"] = "vcpus"
+        kvm = machine.kvm
+        msrs = kvm.msr_index_list()
+        has_xsave = bool(kvm.check_extension(abi.KVM_CAP_XSAVE))
+        has_xcrs = bool(kvm.check_extension(abi.KVM_CAP_XCRS))
+        vcpu_states = [machine_state.save_vcpu(v, msrs, has_xsave, has_xcrs) for v in machine.vcpus]
+        vm_state = save_vm_section(machine)
+
+        progress["phase"] = "ram"
+        t_capture = time.monotonic()
+        include = dirty_mask(machine) if parent else None
+
+        def write_ram():
+            fd = writer.open("ram.img")
+            try:
+                mem = machine.memory
+                return ramio.save_ram(mem._view, mem.fd, mem.size, fd, include,
+                                      progress=lambda done: progress.__setitem__("bytes_done", done))
+            finally:
+                os.close(fd)
+
+        digest, written = await loop.run_in_executor(None, write_ram)
+        progress["phase"] = "writing"
+        snap_id = uuid.uuid4().hex
+
+        t_ram = time.monotonic()
+        manifest = {
+            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+            "vmmd_version": vmmd.__version__, "id": snap_id,
+            "type": "diff" if parent else "full", "parent": parent,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "config": config_io.config_to_json(machine.cfg, machine),
+            "memory": {"size": machine.memory.size, "page_size": ramio.PAGE,
+                       "layout": machine.memory.layout.to_wire()},
+        }
+
+        def write_sections():
+            writer.add_ram(machine.memory.size, digest, bytes_written=written)
+            if include is not None:
+                writer.add_binary("ram-pages", np.packbits(include, bitorder="little").tobytes())
+            writer.add_json("vm", "vm", vm_state)
+            for st in vcpu_states:
+                writer.add_json("vcpu", str(st["index"]), st)
+            for dev, st in zip(devices, states):
+                writer.add_json("device", devstate.instance_of(dev), st, device_kind=dev.spec.kind,
+                                device_id=dev.spec.id)
+
+        await loop.run_in_executor(None, write_sections)
+        start_tracking(machine, snap_id)
+    except BaseException:
+        progress["phase"] = "failed"
+        await _resume(machine, devices, was_running)
+        shutil.rmtree(writer.path, ignore_errors=True)  # never leave a half-written snapshot
+        raise
+    # Everything the guest can change is captured (RAM is in the page cache):
+    # the VM runs on while the files reach the disk; the snapshot exists once
+    # its manifest digest is written (the commit point), after every fsync.
+    progress["phase"] = "resuming"
+    await _resume(machine, devices, resume)
+    paused_ms = (time.monotonic() - paused_at) * 1000
+    progress["phase"] = "committing"
+    t_commit = time.monotonic()
+    try:
+        await loop.run_in_executor(None, writer.commit, manifest)
+    except BaseException:
+        machine.snapshot_base = None
+        shutil.rmtree(writer.path, ignore_errors=True)
+        raise
+    machine.snapshot_progress = None
+    now = time.monotonic()
+    return {"path": os.path.abspath(path), "id": snap_id, "type": "diff" if parent else "full",
+            "ram_bytes_written": written, "paused_ms": round(paused_ms, 1),
+            "total_ms": round((now - t0) * 1000, 1),
+            "phases_ms": {"capture": round((t_capture - paused_at) * 1000, 1),
+                          "ram": round((t_ram - t_capture) * 1000, 1),
+                          "commit": round((now - t_commit) * 1000, 1)},
+            "state": machine.state}
+
+
+async def _resume(machine, devices, vcpus: bool) -> None:
+    await devstate.resume_devices(devices, log)
+    if vcpus and machine.state == "paused":
+        clock.kvmclock_ctrl_all(machine.vcpus)
+        machine.control.resume()
+        machine.state = "running"

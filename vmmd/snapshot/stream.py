@@ -1,0 +1,155 @@
+"""Snapshot sections as a byte stream (sans-I/O): the same sections a snapshot
+directory holds, framed for a socket, for live migration (issue 11) to reuse.
+
+Every record carries what a manifest entry does -- kind, instance, section
+version, length, SHA-256 -- followed by its payload:
+
+    magic  b"VMSR"        4
+    u16    stream format  (STREAM_VERSION)
+    u16    len(kind)      <= 32
+    u16    len(instance)  <= 64
+    u16    reserved (0)
+    u32    section version
+    u64    payload length <= MAX_PAYLOAD[kind]
+    32     SHA-256 of the payload
+    kind, instance (ASCII), payload
+
+JSON sections (vm, vcpu, device) carry format.encode_json_section() bytes and
+are decoded with format.decode_json_section() (versions upgraded, newer
+refused). RAM travels as "ram-run" records, payload = u64 first page then the
+run's pages (zero pages are never sent: the receiver's memory starts zeroed;
+format.py's RAM digest over the non-zero pages checks the result), and
+"ram-zero" records (u64 first page, u64 count) for pages that became zero
+after they were sent.
+
+RecordDecoder.feed(bytes) returns the complete records so far; anything
+malformed raises StreamError and the decoder stays failed. Nothing is
+trusted: every length is bounded before any allocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from vmmd.snapshot import format as fmt
+
+MAGIC = b"VMSR"
+STREAM_VERSION = 1
+_HEADER = struct.Struct("<4sHHHHIQ32s")
+HEADER_SIZE = _HEADER.size
+RAM_KINDS = {"ram-run": 1, "ram-zero": 1}
+KINDS = {**{k: v for k, v in fmt.SECTION_VERSIONS.items() if k not in fmt.BINARY_KINDS}, **RAM_KINDS}
+PAGE = 4096
+MAX_PAYLOAD = {"vm": 16 << 20, "vcpu": 1 << 20, "device": 64 << 20,
+               "ram-run": 8 + (64 << 20), "ram-zero": 16}
+
+
+class StreamError(fmt.SnapshotError):
+    """A malformed, oversized, corrupted or too new record."""
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: str
+    instance: str
+    version: int
+    payload: bytes
+
+
+def encode_record(kind: str, instance: str, payload: bytes, version: int | None = None) -> bytes:
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}")
+    k, i = kind.encode("ascii"), instance.encode("ascii")
+    if len(payload) > MAX_PAYLOAD[kind]:
+        raise ValueError(f"{kind} payload of {len(payload)} bytes is over the limit")
+    header = _HEADER.pack(MAGIC, STREAM_VERSION, len(k), len(i), 0, KINDS[kind] if version is None else version,
+                          len(payload), hashlib.sha256(payload).digest())
+    return header + k + i + bytes(payload)
+
+
+def encode_ram_run(first_page: int, data) -> bytes:
+    if len(data) % PAGE or not len(data):
+        raise ValueError("a RAM run is a whole number of pages")
+    return encode_record("ram-run", "ram", struct.pack("<Q", first_page) + bytes(data))
+
+
+def decode_ram_run(rec: Record, pages: int) -> tuple[int, memoryview]:
+    """(first page, data) of a ram-run record, checked against a RAM of `pages` pages."""
+    if rec.kind != "ram-run" or len(rec.payload) < 8 + PAGE or (len(rec.payload) - 8) % PAGE:
+        raise StreamError("malformed ram-run record")
+    first = struct.unpack_from("<Q", rec.payload)[0]
+    n = (len(rec.payload) - 8) // PAGE
+    if first + n > pages:
+        raise StreamError(f"ram-run {first}+{n} is outside guest RAM ({pages} pages)")
+    return first, memoryview(rec.payload)[8:]
+
+
+class RecordDecoder:
+    """Incremental, sans-I/O: feed() bytes as they arrive, get whole records back."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._failed: StreamError | None = None
+
+    def _fail(self, why: str):
+        self._failed = StreamError(why)
+        raise self._failed
+
+    def feed(self, data: bytes) -> list[Record]:
+        if self._failed:
+            raise self._failed
+        self._buf += data
+        out = []
+        while len(self._buf) >= HEADER_SIZE:
+            magic, sv, klen, ilen, reserved, version, plen, digest = _HEADER.unpack_from(self._buf)
+            if magic != MAGIC:
+                self._fail("not a vmmd section stream (bad record magic)")
+            if sv > STREAM_VERSION:
+                self._fail(f"stream format {sv} is newer than this vmmd supports ({STREAM_VERSION})")
+            if sv < 1 or reserved or not 0 < klen <= 32 or not 0 < ilen <= 64:
+                self._fail("malformed record header")
+            need = HEADER_SIZE + klen + ilen
+            if len(self._buf) < need:
+                break
+            try:
+                kind = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + klen]).decode("ascii")
+                instance = bytes(self._buf[HEADER_SIZE + klen:need]).decode("ascii")
+            except UnicodeDecodeError:
+                self._fail("record kind or instance is not ASCII")
+            if kind not in KINDS:
+                self._fail(f"unknown record kind {kind!r}")
+            if version > KINDS[kind]:
+                self._fail(f"{kind} record version {version} is newer than this vmmd supports ({KINDS[kind]})")
+            if version < 1:
+                self._fail(f"{kind} record version {version}")
+            if plen > MAX_PAYLOAD[kind]:
+                self._fail(f"{kind} record of {plen} bytes is over the limit")
+            if len(self._buf) < need + plen:
+                break
+            payload = bytes(self._buf[need:need + plen])
+            if hashlib.sha256(payload).digest() != digest:
+                self._fail(f"{kind}/{instance} record: SHA-256 mismatch")
+            del self._buf[:need + plen]
+            out.append(Record(kind, instance, version, payload))
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete record (non-zero at the end of a stream = truncated)."""
+        return len(self._buf)
+
+
+def json_section_record(kind: str, instance: str, payload: dict) -> bytes:
+    """A vm/vcpu/device section as a record (the same bytes a snapshot file holds)."""
+    return encode_record(kind, instance, fmt.encode_json_section(kind, instance, payload))
+
+
+def decode_json_record(rec: Record) -> dict:
+    """The section's state (checked, upgraded) from a JSON record."""
+    if rec.kind in RAM_KINDS:
+        raise StreamError(f"{rec.kind} is not a JSON section")
+    entry = fmt.make_section(rec.kind, rec.instance, rec.payload)
+    entry = fmt.Section(entry.kind, entry.instance, rec.version, entry.file, entry.size, entry.sha256, {})
+    return fmt.decode_json_section(entry, rec.payload)
