@@ -38,6 +38,18 @@ def vm(tmp_path, test_guests):
         v.stop()
 
 
+def rpc_when_free(vm, method: str):
+    """vm.rpc, retried while the server has not yet seen the test's hang-ups (cap full)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return vm.rpc(method)
+        except RpcError as exc:
+            if exc.code != LIMIT_EXCEEDED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -108,7 +120,7 @@ def test_990_idle_connections_are_capped_and_a_device_still_restarts(vm):
     assert served == CAP and refused == 990 - CAP
     assert held - before <= CAP + 8
     assert new is not None and new["pid"] != lpc["pid"] and new["state"] == "running"
-    assert vm.rpc("vm.info")["state"] == "running"
+    assert rpc_when_free(vm, "vm.info")["state"] == "running"
 
 
 def test_500_partial_megabyte_lines_cost_little_memory(vm):
@@ -142,12 +154,12 @@ def test_500_partial_megabyte_lines_cost_little_memory(vm):
           f"(+{(peak - before) // 1024} MiB); refused {refused}, 'line too long' {errors}")
     assert refused == 500 - CAP and errors == CAP
     assert peak - before < 64 * 1024          # KiB: was +521 MB
-    assert vm.rpc("vm.info")["state"] == "running"
+    assert rpc_when_free(vm, "vm.info")["state"] == "running"
 
 
 def test_rpc_discover_batch_amplification_is_capped(vm):
     pid = vm.proc.pid
-    one = len(json.dumps(vm.rpc_raw({"jsonrpc": "2.0", "method": "rpc.discover", "id": 0})))
+    one = len(json.dumps(rpc_when_free(vm, "rpc.discover")))
     member = json.dumps({"jsonrpc": "2.0", "method": "rpc.discover", "id": 1}).encode()
     n_mib = (1 << 20) // (len(member) + 1)
     request_mib = b"[" + b",".join([member] * n_mib) + b"]"
