@@ -197,14 +197,21 @@ def test_pause_resume_keeps_the_loop_running_and_time_monotonic(linux):
 def test_kill_9_of_lpc_while_printing(linux):
     vm, agent, _ = linux
     (lpc,) = [d for d in vm.rpc("device.list") if d["id"] == "lpc"]
-    agent.check("(i=0; while [ $i -lt 300 ]; do echo e2e-line-$i > /dev/ttyS0; i=$((i+1)); "
-                "usleep 20000; done &) ; true")
-    time.sleep(1)
+    agent.check("(i=0; while [ $i -lt 600 ]; do echo e2e-line-$i > /dev/ttyS0; i=$((i+1)); "
+                "usleep 50000; done &) ; true")
+    vm.wait_for("e2e-line-5", 120)
     os.kill(lpc["pid"], signal.SIGKILL)
     wait_until(lambda: [d for d in vm.rpc("device.list") if d["id"] == "lpc"
                         and d["state"] == "running" and d["pid"] != lpc["pid"]],
-               120, "lpc was not restarted")
-    vm.wait_for("e2e-line-299", 300)
+               300, "lpc was not restarted")
+    # The new lpc process listens afresh on the console sockets: reconnect.
+    start = len(vm.output())
+    vm.attach_console()
+    agent.close()
+    agent.connect(60)
+    agent.wait_ready(300)
+    out = vm.wait_for("e2e-line-599", 600, start=start)
+    assert re.search(r"e2e-line-\d+", out[start:])   # printing went on after the restart
     assert agent.check("echo after-restart", timeout=120).strip() == "after-restart"
 
 
