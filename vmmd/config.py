@@ -41,6 +41,9 @@ PAGE_SIZE = 4096
 SUN_PATH_MAX = 107             # sockaddr_un.sun_path minus the NUL
 MAX_ERROR_CHARS = 400         # an error line quoting a huge argument is cut here
 MAX_NUMBER_CHARS = 32          # a longer number is a typo (and int() of 5,000 digits raises)
+# --kernel without --cmdline: a console on COM1, reboot by triple fault,
+# and a panic that reboots (with --no-reboot: ends vmmd) instead of hanging.
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1 reboot=t"
 MAX_CONFIG_BYTES = 1 << 20     # a --config file larger than this is not a VM description
 MAX_JSON_DEPTH = 32            # the config file's nesting: the schema needs 2
 MAX_BOOT_IMAGE = 1 << 30       # kernel/raw guest read whole to check it up front
@@ -303,9 +306,10 @@ _OPTS = (
     _Opt("memory", ("-m", "--memory"), (str, int), "guest RAM, e.g. 512M or 2G; bare number = MiB (default 256M)", "SIZE"),
     _Opt("slots", ("-s", "--slot"), (str,), "PCI slot: SLOT[:FUNC],DEVICE[,ARGS...]", "SPEC", repeat=True),
     _Opt("consoles", ("-l", "--console"), (str,), "serial port: com1|com2,stdio|null|file,PATH|socket,PATH", "SPEC", repeat=True),
-    _Opt("kernel", ("--kernel",), (str,), "Linux bzImage to boot", "PATH"),
+    _Opt("kernel", ("--kernel",), (str,), "Linux kernel to boot: an ELF vmlinux or a bzImage", "PATH"),
     _Opt("initrd", ("--initrd",), (str,), "initramfs for --kernel", "PATH"),
-    _Opt("cmdline", ("--cmdline",), (str,), "kernel command line", "TEXT"),
+    _Opt("cmdline", ("--cmdline",), (str,),
+         f"kernel command line (default with --kernel: {DEFAULT_CMDLINE!r}, the console on COM1)", "TEXT"),
     _Opt("raw", ("--raw",), (str,), "raw/ELF test guest to run instead of a kernel", "PATH"),
     _Opt("raw-mode", ("--raw-mode",), (str,), f"CPU mode for --raw: {'|'.join(RAW_MODES)} (default long-cpl3)", "MODE"),
     _Opt("api-socket", ("--api-socket",), (str,), "JSON-RPC control socket path", "PATH"),
@@ -537,7 +541,9 @@ def parse_args(argv: list[str]) -> VmConfig:
         _check_socket_path(api_socket, api_where)
     _check_distinct_paths(api_socket, consoles, slots.values())
 
-    cmdline = get("cmdline")[0] or ""
+    cmdline = get("cmdline")[0]
+    if cmdline is None:  # without console= Linux would have no console at all
+        cmdline = DEFAULT_CMDLINE if kernel is not None else ""
     if "\0" in cmdline or len(cmdline.encode(errors="surrogateescape")) >= CMDLINE_MAX:
         raise ConfigError(f"--cmdline: longer than {CMDLINE_MAX - 1} bytes or holds a NUL")
     if raw is not None and raw_mode.startswith("long") and memory > MAX_RAW_LONG_MEMORY:
