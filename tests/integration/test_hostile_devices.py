@@ -133,7 +133,8 @@ def test_a_hostile_pci_device_is_refused_and_counted(tmp_path, test_guests, kind
         assert_vm_unharmed(vm)
         # Logs: bounded, and no forged vmmd line starts a line of vmmd's log.
         err = vm.stderr()
-        assert err.count("forged line") < 200
+        # vmmd.device_log lets a burst of BURST (200) lines through, then RATE a second
+        assert err.count("forged line") < 1000
         assert not re.search(r"^vmmd ERROR vmmd\.machine: forged", err, re.M)
     finally:
         vm.stop()
