@@ -293,8 +293,9 @@ def test_operator_calls_per_device_are_bounded():
 # -- configuration ---------------------------------------------------------------------------
 
 def test_crash_limit_option(tmp_path, capsys):
+    from tests.unit.test_config import minimal_elf
     elf = tmp_path / "g.elf"
-    elf.write_bytes(b"\0" * 512)
+    elf.write_bytes(minimal_elf())   # vmmd checks the guest image up front
     assert parse_args(["--raw", str(elf)]).device_crash_limit == (5, 60.0)
     assert parse_args(["--raw", str(elf), "--device-crash-limit", "3/10"]).device_crash_limit == (3, 10.0)
     from vmmd.config import parse_or_exit
