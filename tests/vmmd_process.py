@@ -13,6 +13,13 @@ import time
 from pathlib import Path
 
 
+# Waits in tests are bounds against hangs, not timing assertions: on a slow
+# host (the nested lab runs everything under software emulation) every bound
+# and vmmd's default device timeout stretch by this factor.
+TIME_SCALE = max(1.0, float(os.environ.get("VMMD_TEST_TIME_SCALE", "1") or 1))
+DEFAULT_DEVICE_TIMEOUT = 2.0
+
+
 class VmmdProcess:
     """One vmmd run. COM1 goes to a file the test reads; the API socket is always on."""
 
@@ -31,6 +38,8 @@ class VmmdProcess:
             cmd += ["-l", f"com1,socket,{self.com1_socket}"]
         self._com1: socket.socket | None = None
         cmd += args
+        if TIME_SCALE > 1 and "--device-timeout" not in args:
+            cmd += ["--device-timeout", str(DEFAULT_DEVICE_TIMEOUT * TIME_SCALE)]
         if netns is not None:  # ip execs vmmd after joining the namespace: same pid
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.cmd = cmd
@@ -43,7 +52,7 @@ class VmmdProcess:
     # -- console --------------------------------------------------------------
     def attach_console(self, timeout: float = 60.0) -> None:
         """With com1="socket": connect and copy the console into self.console."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * TIME_SCALE
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -79,6 +88,7 @@ class VmmdProcess:
 
     def wait_for(self, text: str, timeout: float, start: int = 0) -> str:
         """Wait until `text` appears in the console output (after offset `start`)."""
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.output()
@@ -94,6 +104,7 @@ class VmmdProcess:
     # -- API --------------------------------------------------------------------
     def wait_api(self, timeout: float = 30.0) -> None:
         """Wait until the API answers and the VM has left the "created" state."""
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if os.path.exists(self.api):
@@ -112,7 +123,7 @@ class VmmdProcess:
     def rpc_raw(self, request: dict | list | bytes, timeout: float = 30.0):
         data = request if isinstance(request, bytes) else json.dumps(request).encode()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
+            s.settimeout(timeout * TIME_SCALE)
             s.connect(self.api)
             s.sendall(data + b"\n")
             buf = b""
@@ -134,6 +145,7 @@ class VmmdProcess:
 
     # -- end ----------------------------------------------------------------------
     def wait(self, timeout: float) -> int:
+        timeout *= TIME_SCALE
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

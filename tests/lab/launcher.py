@@ -81,6 +81,8 @@ modprobe -a {mods} || {{ echo 'lab: modprobe {mods} failed' >&2; exit {EXIT_LAB_
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
 echo "lab: /dev/kvm ready (kvm_amd npt=$(cat /sys/module/kvm_amd/parameters/npt)), L1 up $(cut -d' ' -f1 /proc/uptime) s" >&2
 {exports}export VMMD_IN_LAB=1
+# every emulated instruction is slow here: tests stretch their bounds (tests/vmmd_process.py)
+export VMMD_TEST_TIME_SCALE=${{VMMD_TEST_TIME_SCALE:-8}}
 cd {shlex.quote(cwd)} || exit {EXIT_LAB_FAILED}
 exec {shlex.join(argv)}
 """
