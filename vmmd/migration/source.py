@@ -311,10 +311,11 @@ class Migration:
                                                      f"paused (the destination may be running the guest)")
             log.error("migration: %s", self.status["error"])
             return
-        if not cancelled and self.sock is not None:
+        if self.sock is not None:  # records are whole here unless the connection broke anyway
             try:
                 self.sock.settimeout(0.5)
-                self.sock.sendall(proto.control("mig-cancel", {"reason": why[:200]}))
+                self.sock.sendall(proto.control("mig-cancel", {"reason": "migration.cancel" if cancelled
+                                                               else why[:200]}))
             except OSError:
                 pass
         m = self.m
