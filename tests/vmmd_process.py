@@ -97,14 +97,16 @@ class VmmdProcess:
         while time.monotonic() < deadline:
             if os.path.exists(self.api):
                 try:
-                    if self.rpc("vm.info")["state"] != "created":
+                    reply = self.rpc_raw({"jsonrpc": "2.0", "id": 1, "method": "vm.info"})
+                    if reply and reply.get("result", {}).get("state", "created") != "created":
                         return
-                except OSError:
+                except (OSError, ValueError):
                     pass
             if self.proc.poll() is not None:
                 raise AssertionError(f"vmmd exited {self.proc.returncode}: {self.stderr()[-4000:]}")
             time.sleep(0.05)
-        raise AssertionError("the API socket never answered")
+        raise AssertionError(f"the API socket never answered within {timeout} s; "
+                             f"vmmd stderr tail: {self.stderr()[-3000:]}")
 
     def rpc_raw(self, request: dict | list | bytes, timeout: float = 30.0):
         data = request if isinstance(request, bytes) else json.dumps(request).encode()

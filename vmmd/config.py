@@ -124,6 +124,17 @@ def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+BLK_FORMATS = ("qcow2", "raw")
+
+
+def _blk_format(args: tuple[str, ...], where: str) -> None:
+    """virtio-blk's format= (qcow2|raw); the device parses the image itself."""
+    for arg in args[1:]:
+        key, eq, value = arg.partition("=")
+        if key == "format" and value not in BLK_FORMATS:
+            raise ConfigError(f"{where}: format={value!r}: expected one of {', '.join(BLK_FORMATS)}")
+
+
 def parse_slot(text: str, where: str = "-s") -> SlotConfig:
     """'SLOT[:FUNC],DEVICE[,ARGS...]' -> SlotConfig (device args checked here too)."""
     parts = text.split(",")
@@ -146,6 +157,7 @@ def parse_slot(text: str, where: str = "-s") -> SlotConfig:
         raise ConfigError(f"{where} {text!r}: {device} takes no arguments")
     if device == "virtio-blk":
         _readable_file(args[0] if args else None, f"{where} {text!r}: disk image")
+        _blk_format(args, f"{where} {text!r}")
     return SlotConfig(slot, function, device, args)
 
 

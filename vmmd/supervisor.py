@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 _PR_SET_CHILD_SUBREAPER = 36
 BACKOFF_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 STABLE_AFTER = 30.0  # a device that ran this long resets its backoff
-SPAWN_TIMEOUT = 20.0
+# A launch that hangs is caught by this; one that fails ends at once (EOF,
+# pidfd). Generous: Python's start-up alone takes tens of seconds on slow
+# (emulated, nested, loaded) hosts, and the nested lab is one.
+SPAWN_TIMEOUT = 120.0
 
 
 def become_subreaper() -> None:

@@ -83,6 +83,18 @@ def _ioctl_uint(fd: int, request: int) -> int | None:
         return None
 
 
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def _starts_with_qcow2_magic(buffers: Sequence) -> bool:
+    head = b""
+    for b in buffers:
+        head += bytes(memoryview(b).cast("B")[:4 - len(head)])
+        if len(head) >= 4:
+            break
+    return head == QCOW2_MAGIC
+
+
 def _advance(buffers: list, done: int) -> list:
     """The buffers left after `done` bytes of them were transferred."""
     out = []
@@ -109,6 +121,9 @@ class BlockBackend:
         self.cache = cache
         self.serial = serial.encode() if isinstance(serial, str) else bytes(serial)
         self.errors = 0
+        # Raw by probing (no format=): refuse to let the guest write a qcow2
+        # header to sector 0, or the next probe would trust guest metadata.
+        self.guard_qcow2_magic = False
         self.dfd: int | None = None
         self._zeros: bytes | None = None
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -208,6 +223,11 @@ class BlockBackend:
 
     def write(self, sector: int, buffers: Sequence, nbytes: int, aligned: bool = False) -> int:
         if self.read_only:
+            return S_IOERR
+        if sector == 0 and self.guard_qcow2_magic and _starts_with_qcow2_magic(buffers):
+            self.errors += 1
+            log.error("%s: refused a guest write of a qcow2 header to sector 0 of an image "
+                      "probed as raw (say format=raw to allow it)", self.path)
             return S_IOERR
         offset = sector << SECTOR_SHIFT
         fd = self._fd_for(offset, nbytes, aligned)

@@ -9,6 +9,9 @@ Options: {"args": [PATH, OPTION, ...]} from the slot `-s N,virtio-blk,PATH,...`:
     serial=TEXT            GET_ID answer, up to 20 printable ASCII bytes (alias: ser=)
     num_queues=N           request queues, 1..64 (default 1; > 1 offers MQ)
     queue_size=N           queue size, a power of 2 in 4..32768 (default 256)
+    format=qcow2|raw       image format; without it the magic is probed (a qcow2
+                           image is opened with a warning, a raw one refuses guest
+                           writes of a qcow2 header to sector 0); see qcow2_backend.py
 
 A bad option raises ValueError (the runtime exits 1 and vmmd reports it).
 
@@ -24,6 +27,9 @@ SplitQueues; VirtioBlkDevice wires it to the transport's hooks.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -32,6 +38,7 @@ from devices.virtio.queue import ChainError
 from devices.virtio_blk import request as rq
 from devices.virtio_blk import state as blkstate
 from devices.virtio_blk.backend import CACHE_MODES, BlockBackend
+from devices.virtio_blk.qcow2_backend import FORMATS, open_backend
 
 log = logging.getLogger("devices.virtio_blk")
 
@@ -74,6 +81,7 @@ class BlkOptions:
     serial: bytes = b""
     num_queues: int = 1
     queue_size: int = DEFAULT_QUEUE_SIZE
+    image_format: str | None = None
 
 
 def _int_option(key: str, text: str, lo: int, hi: int) -> int:
@@ -106,7 +114,7 @@ def parse_options(options: dict) -> BlkOptions:
                 kw["cache"] = "direct"
             else:
                 raise ValueError(f"virtio-blk: unknown option {arg!r} "
-                                 "(ro, nocache, cache=, serial=, num_queues=, queue_size=)")
+                                 "(ro, nocache, cache=, serial=, format=, num_queues=, queue_size=)")
         elif key == "cache":
             if value not in CACHE_MODES:
                 raise ValueError(f"virtio-blk: cache={value!r}: expected one of {', '.join(CACHE_MODES)}")
@@ -117,6 +125,10 @@ def parse_options(options: dict) -> BlkOptions:
                 raise ValueError(f"virtio-blk: serial {value!r} must be at most {rq.ID_BYTES} "
                                  "printable ASCII characters")
             kw["serial"] = raw
+        elif key == "format":
+            if value not in FORMATS:
+                raise ValueError(f"virtio-blk: format={value!r}: expected one of {', '.join(FORMATS)}")
+            kw["image_format"] = value
         elif key == "num_queues":
             kw["num_queues"] = _int_option(key, value, 1, MAX_QUEUES)
         elif key == "queue_size":
@@ -126,7 +138,7 @@ def parse_options(options: dict) -> BlkOptions:
             kw["queue_size"] = v
         else:
             raise ValueError(f"virtio-blk: unknown option {arg!r} "
-                             "(ro, nocache, cache=, serial=, num_queues=, queue_size=)")
+                             "(ro, nocache, cache=, serial=, format=, num_queues=, queue_size=)")
     return BlkOptions(path, **kw)
 
 
@@ -325,6 +337,35 @@ class BlkCore:
 # --- the device ------------------------------------------------------------------------
 
 
+def receive_fd(sock_fd: int | None) -> int:
+    """One fd vmmd already sent on the fdpass socket (never blocks)."""
+    if sock_fd is None:
+        raise ValueError("switch_overlay: this device has no fdpass socket")
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        try:
+            # (socket.recv_fds ignores its flags before Python 3.12: recvmsg itself)
+            _, anc, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(2 * 4), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise ValueError("switch_overlay: no overlay fd was sent") from None
+    finally:
+        sock.detach()
+    fds = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"switch_overlay: expected one fd, got {len(fds)}")
+    fd = fds[0]
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("switch_overlay: the overlay is not a regular file")
+    return fd
+
+
+
 class VirtioBlkDevice(VirtioDevice):
     KIND = "virtio_blk"
     VIRTIO_ID = VIRTIO_ID_BLOCK
@@ -332,8 +373,9 @@ class VirtioBlkDevice(VirtioDevice):
     def __init__(self, host, options: dict, *, backend: BlockBackend | None = None):
         opts = parse_options(options)
         self.opts = opts
-        self.backend = backend if backend is not None else BlockBackend(
-            opts.path, read_only=opts.read_only, cache=opts.cache, serial=opts.serial)
+        self.backend = backend if backend is not None else open_backend(
+            opts.path, image_format=opts.image_format, read_only=opts.read_only,
+            cache=opts.cache, serial=opts.serial)
         try:
             if self.backend.capacity == 0:
                 log.warning("%s: the disk image is empty (capacity 0)", opts.path)
@@ -403,10 +445,44 @@ class VirtioBlkDevice(VirtioDevice):
 
     # --- DeviceModel ---------------------------------------------------------------------
 
+    def device_control(self, op: str, args: dict):
+        """CONTROL "device" ops: "switch_overlay" {"path": P} (disk checkpoints).
+
+        vmmd first sends the overlay's fd (one SCM_RIGHTS message) on the
+        "fdpass" socket it gave this device at bootstrap; the overlay is an
+        empty qcow2 image whose backing file is this disk's current image.
+        From then on writes go to the overlay and the old image is read-only:
+        it holds the disk exactly as it was at the switch (vmmd quiesces the
+        device around the op, and requests complete synchronously, so there
+        is nothing in flight)."""
+        if op == "switch_overlay":
+            return self._switch_overlay(args if isinstance(args, dict) else {})
+        return super().device_control(op, args)
+
+    def _switch_overlay(self, args: dict) -> dict:
+        path = args.get("path", "")
+        if type(path) is not str:
+            raise ValueError("switch_overlay: path must be a string")
+        switch = getattr(self.backend, "switch_to_overlay", None)
+        if switch is None:
+            raise ValueError("switch_overlay: the disk is not a qcow2 image (format=qcow2)")
+        fd = receive_fd((getattr(self.host, "fds", None) or {}).get("fdpass"))
+        try:
+            old = self.backend.path
+            switch(fd, path)
+        except Exception:
+            os.close(fd)
+            raise
+        log.info("%s: writes now go to the overlay %s", old, path or f"fd {fd}")
+        return {"path": path, "backing": old, "capacity": self.backend.capacity}
+
     def stats(self) -> dict:
         out = super().stats()
         out["blk"] = {"capacity": self.backend.capacity, "read_only": self.opts.read_only,
                       "cache": self.opts.cache, "direct": self.backend.dfd is not None,
+                      "format": getattr(self.backend, "image_format", "raw"),
+                      **({"qcow2": self.backend.qcow2_stats()}
+                         if hasattr(self.backend, "qcow2_stats") else {}),
                       "writethrough": self.core.writethrough,
                       "backend_errors": self.backend.errors,
                       "total": self.core.totals(), "per_queue": [dict(s) for s in self.core.stats]}

@@ -14,10 +14,16 @@ fstat on open fds) it needs:
   ioctl BLKDISCARD   DISCARD on a block device, and no other new ioctl (the
                  size and block-size ioctls are issued before the jail)
 
-RLIMIT_FSIZE: the device writes its image in place and never extends it
-(every request is checked against the capacity, fallocate keeps the size),
-but the image may be as large as any file, so the limit is effectively
-off (1 << 62 bytes); it only matters for regular files.
+qcow2 images (qcow2_backend.py) need nothing more: metadata goes through
+pread64/pwrite64, barriers are fdatasync, DISCARD punches holes with
+fallocate, and the whole backing chain is opened before the jail. A disk
+checkpoint's overlay fd arrives with recvmsg (SCM_RIGHTS) on the "fdpass"
+socket vmmd handed over at bootstrap; zstandard is imported before the jail.
+
+RLIMIT_FSIZE: a raw image is written in place and never extended
+(every request is checked against the capacity, fallocate keeps the size);
+a qcow2 image grows as clusters are allocated. Either may be as large as any
+file, so the limit is effectively off (1 << 62 bytes).
 """
 
 from sandbox.seccomp_policy import EQ, ArgRule, base_policy

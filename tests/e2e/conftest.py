@@ -107,12 +107,12 @@ def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
          cmdline_extra: str = "quiet") -> tuple[VmmdProcess, GuestAgent]:
     com2 = tmp / "com2.sock"
     vm = VmmdProcess(tmp, [
-        "-s", "31,lpc", "-l", f"com2,socket,{com2}",
+        "-s", "31,lpc", "-l", f"com2,socket,{com2}", "--device-timeout", "30",
         *args,
         "--kernel", guest["kernel"], "--initrd", guest["initrd"],
         "--cmdline", f"{guest['cmdline']} {cmdline_extra}".strip(),
     ], netns=netns, com1="socket")
-    vm.wait_api(timeout=120)
+    vm.wait_api(timeout=600)  # Python start-up alone takes tens of seconds in the lab
     vm.attach_console()
     agent = GuestAgent(str(com2))
     agent.connect(60)
