@@ -340,3 +340,52 @@ def test_plain_tcp_to_another_host_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vmmd.cli", "--incoming", "tcp:192.0.2.1:4444"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs TLS" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def make_certs(d: Path, name: str) -> dict:
+    """A CA and a certificate signed by it for each side (openssl CLI)."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", f"/CN={name}-ca")
+    out = {"ca": str(d / "ca.pem")}
+    for side in ("src", "dst"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{side}.key", "-out", f"{side}.csr",
+            "-subj", f"/CN={side}")
+        run("x509", "-req", "-in", f"{side}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{side}.pem", "-days", "2")
+        out[side] = (str(d / f"{side}.pem"), str(d / f"{side}.key"))
+    return out
+
+
+@pytest.mark.skipif(subprocess.run(["which", "openssl"], capture_output=True).returncode != 0,
+                    reason="needs the openssl CLI to make test certificates")
+def test_tls_with_mutual_certificates(tmp_path, small_incrementer):
+    good = make_certs(tmp_path / "pki", "good")
+    other = make_certs(tmp_path / "pki2", "other")
+    src = source(tmp_path / "a", small_incrementer, "32M")
+    try:
+        src.wait_api()
+        src.wait_for("B", 60)
+        # A source whose certificate another CA signed is refused; the VM runs on.
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        dst = destination(tmp_path / "b", uri, "--tls-cert", good["dst"][0], "--tls-key", good["dst"][1],
+                          "--tls-ca", good["ca"])
+        src.rpc("migration.start", {"uri": uri, "tls": {"cert": other["src"][0], "key": other["src"][1],
+                                                        "ca": good["ca"]}})
+        st = wait_migration(src)
+        assert st["state"] == "failed", st
+        assert dst.wait(30) == 2 and "vmmd: error:" in dst.stderr()
+        assert src.rpc("vm.info")["state"] == "running"
+        # Both certificates from the CA: migrates.
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        dst = destination(tmp_path / "c", uri, "--tls-cert", good["dst"][0], "--tls-key", good["dst"][1],
+                          "--tls-ca", good["ca"])
+        migrate(src, dst, uri, tls={"cert": good["src"][0], "key": good["src"][1], "ca": good["ca"]})
+        dst.wait_for("B", 60)
+        check_small(dst, tmp_path)
+        kill(dst)
+    finally:
+        kill(src)
