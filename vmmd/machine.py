@@ -116,6 +116,7 @@ class Machine:
             incoming = getattr(self.restore_from, "incoming", None)  # vmmd --incoming
             if incoming is not None:
                 await incoming.receive(self)  # RAM and state: overlaps the device start-up above
+                t_restore = time.monotonic()
             if self.restore_from is not None:
                 from vmmd.snapshot import restore as snaprestore
                 await snaprestore.restore_devices(self, self.restore_from.tip)
@@ -130,6 +131,8 @@ class Machine:
             self._start_vcpus(keep_control=paused)
             self.state = "paused" if paused else "running"
             if incoming is not None:
+                log.info("incoming: device states %.1f ms, KVM state %.1f ms",
+                         (t_vm - t_restore) * 1000, (time.monotonic() - t_vm) * 1000)
                 await incoming.finish(self)  # mig-ready, wait for mig-go, resume, mig-running
             if self.restore_from is not None:
                 t = self.restore_from.timings or {}

@@ -103,7 +103,6 @@ def test_incrementer_migrates_and_keeps_its_invariant(tmp_path, test_guests, tra
         src.wait_for("BB", 60)
         dst = destination(tmp_path / "b", uri)
         st = migrate(src, dst, uri)
-        print(st)
         assert st["downtime_ms"] is not None and st["iteration"] >= 1 and st["bytes_sent"] > 0
         dst.wait_for("B", 60)  # the guest goes on printing on the destination
         info = dst.rpc("vm.info")
@@ -236,7 +235,7 @@ def test_source_killed_destination_discards_and_fails(tmp_path, small_incremente
         wait_migration(src, until=("active",))
         kill(src)
         assert dst.wait(30) == 2
-        assert "vmmd: error:" in dst.stderr() and "source closed the connection" in dst.stderr()
+        assert "vmmd: error:" in dst.stderr() and "the source" in dst.stderr()
         assert not os.path.exists(dst.api)
     finally:
         kill(src)

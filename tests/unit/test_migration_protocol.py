@@ -48,6 +48,7 @@ def drive(r, data, devices=("31.0",), vcpus=2):
             return events
         if isinstance(got[-1], p.Config):
             r.accept(PAGES, vcpus, devices)
+            r.devices_started()
         elif isinstance(got[-1], p.StateComplete):
             r.ready()
 
@@ -66,7 +67,7 @@ def test_valid_exchange_in_any_chunking():
         r.running()
         out = r.pending_output()
         src = p.SourceReplies()
-        assert src.feed(out) == ["mig-hello", "mig-accept", "mig-ready", "mig-running"]
+        assert src.feed(out) == ["mig-hello", "mig-accept", "mig-prepared", "mig-ready", "mig-running"]
         assert src.version == 1
 
 

@@ -126,7 +126,8 @@ class Incoming:
         try:
             data = self.sock.recv(4 << 20)
         except OSError as exc:
-            raise IncomingError(f"incoming migration: connection lost: {exc}") from None
+            raise IncomingError(f"incoming migration aborted: the source went away during the "
+                                f"{self.rx.phase} phase ({exc})") from None
         return data
 
     def _flush(self) -> None:
@@ -135,7 +136,21 @@ class Incoming:
             try:
                 self.sock.sendall(out)
             except OSError as exc:
-                raise IncomingError(f"incoming migration: connection lost: {exc}") from None
+                raise IncomingError(self._why_closed(
+                    f"incoming migration aborted: the source went away during the {self.rx.phase} phase "
+                    f"({exc})")) from None
+
+    def _why_closed(self, default: str) -> str:
+        """The source's mig-cancel / mig-error if it sent one before closing."""
+        try:
+            self.sock.settimeout(0.5)
+            while data := self.sock.recv(1 << 20):
+                self.rx.feed(data)
+        except proto.MigrationRefused as exc:
+            return f"incoming migration aborted: {exc}"
+        except (OSError, proto.MigrationProtocolError):
+            pass
+        return default
 
     def _events(self):
         """Events until the receiver stops for a decision; raises on EOF or a bad stream."""
@@ -215,6 +230,8 @@ class Incoming:
     async def receive(self, machine) -> None:
         """RAM passes and the machine state, in a worker thread (device processes
         start meanwhile)."""
+        self.rx.devices_started()  # the source switches over only after this
+        await machine.loop.run_in_executor(None, self._flush)
         state = await machine.loop.run_in_executor(None, self._receive_blocking, machine.memory)
         tip = MigratedState(str(self.req.uri), state.sections, self.device_kinds)
         snaprestore.check_sections(tip, self.prepared.cfg)

@@ -11,6 +11,8 @@ ram-zero records. This module adds the control records and the order:
                                         <-    mig-hello {"version": v}  (or mig-error)
     mig-config {"config", "memory"}     ->
                                         <-    mig-accept {} (or mig-error: incompatible)
+                                        <-    mig-prepared {}  (device processes up; any
+                                              time during RAM: the source switches over after it)
     (ram-run | ram-zero)* mig-iter {"iteration": n}   ... repeated per pass
     vm, vcpu x N, device x D sections   ->    (after the vCPUs stopped)
     mig-end {"vcpus": N, "devices": [..]} ->
@@ -40,7 +42,7 @@ PROTOCOL_VERSIONS = (1,)  # what this vmmd speaks, each side lists its own
 PAGE = stream.PAGE
 MAX_RUN_PAGES = 1024  # a ram-run carries at most 4 MiB (bounded record, bounded latency)
 
-CONTROL_KINDS = {k: 1 for k in ("mig-hello", "mig-config", "mig-accept", "mig-error", "mig-iter",
+CONTROL_KINDS = {k: 1 for k in ("mig-hello", "mig-config", "mig-accept", "mig-prepared", "mig-error", "mig-iter",
                                 "mig-end", "mig-ready", "mig-go", "mig-running", "mig-cancel")}
 CONTROL_MAX = {k: 64 << 10 for k in CONTROL_KINDS}
 CONTROL_MAX["mig-config"] = 1 << 20
@@ -155,6 +157,7 @@ class Receiver:
         self.devices: frozenset = frozenset()
         self._sections: dict = {}
         self._backlog: list = []
+        self._prepared_sent = False
         self.iterations = 0
         self.ram_bytes = 0
 
@@ -174,13 +177,20 @@ class Receiver:
         self.phase = "ram"
         self._out += control("mig-accept")
 
+    def devices_started(self) -> None:
+        """The destination's device processes run: the source may switch over."""
+        if self.phase not in ("ram", "state") or self._prepared_sent:
+            raise MigrationProtocolError(f"devices_started() in phase {self.phase}")
+        self._prepared_sent = True
+        self._out += control("mig-prepared")
+
     def refuse(self, message: str) -> None:
         self._out += control("mig-error", {"message": message[:4000]})
         self._fail(message)
 
     def ready(self) -> None:
         """The VM is rebuilt from the state (paused): ask the source for the go."""
-        if self.phase != "loaded":
+        if self.phase != "loaded" or not self._prepared_sent:
             raise MigrationProtocolError(f"ready() in phase {self.phase}")
         self.phase = "ready"
         self._out += control("mig-ready")
@@ -329,9 +339,9 @@ class Receiver:
 
 class SourceReplies:
     """The source's view of the destination's replies, checked in order:
-    mig-hello, mig-accept, mig-ready, mig-running (mig-error any time)."""
+    mig-hello, mig-accept, mig-prepared, mig-ready, mig-running (mig-error any time)."""
 
-    ORDER = ("mig-hello", "mig-accept", "mig-ready", "mig-running")
+    ORDER = ("mig-hello", "mig-accept", "mig-prepared", "mig-ready", "mig-running")
 
     def __init__(self, versions=PROTOCOL_VERSIONS):
         self.versions = tuple(versions)

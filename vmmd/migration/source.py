@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -153,6 +154,26 @@ class Migration:
                 raise MigrationFailed(str(exc)) from None
         self.sock.settimeout(None)
 
+    def _poll(self, kind: str) -> bool:
+        """Has the destination sent `kind`? (reads what is there, never waits)"""
+        if kind in self._rbuf:
+            return True
+        self.sock.setblocking(False)
+        try:
+            data = self.sock.recv(1 << 16)
+            if data == b"":
+                raise MigrationFailed("the destination closed the connection")
+            self._rbuf += self._replies.feed(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            pass
+        except proto.MigrationProtocolError as exc:
+            raise MigrationFailed(str(exc)) from None
+        except OSError as exc:
+            raise MigrationFailed(f"connection to the destination lost: {exc}") from None
+        finally:
+            self.sock.setblocking(True)
+        return kind in self._rbuf
+
     def _on_loop(self, coro_or_fn, *args):
         if asyncio.iscoroutine(coro_or_fn):
             return asyncio.run_coroutine_threadsafe(coro_or_fn, self.loop).result()
@@ -233,7 +254,11 @@ class Migration:
                 self.status.update(remaining_dirty_bytes=remaining, dirty_rate_mibs=round(rate / (1 << 20), 2),
                                    expected_downtime_ms=round(remaining / bw * 1000, 1))
                 if remaining / bw * 1000 <= self.downtime_ms:
-                    break
+                    # Switch over once the destination's device processes run (its
+                    # start-up would otherwise count as downtime); until then, pass on.
+                    if self._poll("mig-prepared"):
+                        break
+                    time.sleep(0.01)
                 if time.monotonic() - self._t0 > self.timeout_s:
                     raise MigrationFailed(f"did not converge within {self.timeout_s:g} s "
                                           f"({remaining} dirty bytes, expected downtime "
@@ -253,12 +278,15 @@ class Migration:
                 raise MigrationFailed("vCPUs did not stop within 10 s")
             paused = True
             m.state = "paused"
+            marks = [("paused", time.monotonic())]
             devices = list(m.supervisor.devices.values())
             try:
                 states = self._on_loop(devstate.save_devices(devices))
             except Exception as exc:
                 raise MigrationFailed(str(exc)) from None
-            self._dirty_pass(mask | self._harvest())  # the pages found before the pause too
+            marks.append(("devices_saved", time.monotonic()))
+            self._dirty_pass(mask | self._harvest())
+            marks.append(("last_pass", time.monotonic()))  # the pages found before the pause too
             self._send(proto.control("mig-iter", {"iteration": self.status["iteration"] + 1}))
             kvm = m.kvm
             msrs = kvm.msr_index_list()
@@ -271,10 +299,14 @@ class Migration:
             for dev, st in zip(devices, states):
                 self._send(proto.section("device", devstate.instance_of(dev), st))
             self._send(proto.control("mig-end", {"vcpus": len(vcpu_states)}))
+            marks.append(("state_sent", time.monotonic()))
             self._expect("mig-ready", 120)
+            marks.append(("ready", time.monotonic()))
             self._send(proto.control("mig-go"))
             self.committed = True
             self._expect("mig-running", 30)
+            marks.append(("running", time.monotonic()))
+            self.status["switchover_ms"] = {k: round((t - t_pause) * 1000, 1) for k, t in marks}
             downtime = (time.monotonic() - t_pause) * 1000
             self.status.update(state="completed", downtime_ms=round(downtime, 1),
                                total_ms=round((time.monotonic() - self._t0) * 1000, 1))
