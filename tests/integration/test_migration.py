@@ -388,3 +388,37 @@ def test_tls_with_mutual_certificates(tmp_path, small_incrementer):
         kill(dst)
     finally:
         kill(src)
+
+
+def test_device_crash_mid_migration_loses_nothing(tmp_path, small_incrementer):
+    """The LPC device process is killed while RAM moves: the migration either
+    completes with the device restarted, or fails with the source running on;
+    either way the guest's invariant holds where it runs, and a retry works."""
+    src = source(tmp_path / "a", small_incrementer, "64M")
+    dst = None
+    try:
+        src.wait_api()
+        src.wait_for("B", 60)
+        uri = f"unix:{tmp_path}/d.sock"
+        dst = destination(tmp_path / "b", uri)
+        src.rpc("migration.start", {"uri": uri, "max_bandwidth_mibs": 4, "downtime_ms": 50})
+        wait_migration(src, until=("active",))
+        pid = next(d["pid"] for d in src.rpc("device.list") if d["id"] == "lpc")
+        os.kill(pid, signal.SIGKILL)
+        st = wait_migration(src)
+        if st["state"] == "completed":
+            assert src.wait(30) == 0
+            dst.wait_api()
+            check_small(dst, tmp_path)
+            return
+        assert st["state"] == "failed", st
+        assert src.rpc("vm.info")["state"] == "running"
+        check_small(src, tmp_path)
+        kill(dst)
+        dst = destination(tmp_path / "c", uri)
+        migrate(src, dst, uri)
+        check_small(dst, tmp_path)
+    finally:
+        kill(src)
+        if dst:
+            kill(dst)
