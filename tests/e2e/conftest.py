@@ -140,7 +140,15 @@ def ro_disk(e2e_dir):
 
 
 @pytest.fixture(scope="session")
-def linux(default_guest, e2e_dir, data_disk, ro_disk, switch):
+def qcow_disk(e2e_dir):
+    path = e2e_dir / "q.qcow2"
+    subprocess.run([sys.executable, "-m", "vmmd.img", "create", "-f", "qcow2", str(path), "64M"],
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def linux(default_guest, e2e_dir, data_disk, ro_disk, qcow_disk, switch):
     """(vm, agent, netns): the shared guest, booted once."""
     ns = NetNs(f"vmmde2e-{uuid.uuid4().hex[:6]}")
     tmp = e2e_dir / "main"
@@ -153,6 +161,7 @@ def linux(default_guest, e2e_dir, data_disk, ro_disk, switch):
             "-s", f"4,virtio-net,tap={TAP}",
             "-s", f"5,virtio-net,socket={switch}",
             "-s", "6,virtio-balloon",
+            "-s", f"7,virtio-blk,{qcow_disk},format=qcow2,serial=qcow",
         ], default_guest, netns=ns.name)
     except BaseException:
         ns.delete()

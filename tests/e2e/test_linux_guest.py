@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -107,6 +108,24 @@ def test_read_only_disk_refuses_writes(linux, ro_disk):
     assert ro_disk.read_bytes()[:4096] == pattern(RO_DISK_SIZE, 99)[:4096]
 
 
+def test_guest_formats_a_qcow2_disk_and_fstrim_frees_clusters(linux, qcow_disk):
+    _, agent, _ = linux
+    dev = guest_blockdev(agent, "qcow")
+    agent.check(f"mke2fs -q {dev} >/dev/null 2>&1 || mke2fs {dev}; mkdir -p /mnt/q && "
+                f"mount -t ext2 {dev} /mnt/q", timeout=300)
+    agent.check("dd if=/dev/urandom of=/mnt/q/blob bs=1M count=16 2>/dev/null && sync", timeout=300)
+    full = os.stat(qcow_disk).st_blocks * 512
+    # read back through the device, not the page cache
+    sums = agent.check("md5sum /mnt/q/blob | cut -c1-32; echo 3 > /proc/sys/vm/drop_caches; "
+                       "md5sum /mnt/q/blob | cut -c1-32", timeout=300).split()
+    assert len(sums) == 2 and sums[0] == sums[1]
+    agent.check("rm /mnt/q/blob && sync && fstrim /mnt/q", timeout=300)
+    assert os.stat(qcow_disk).st_blocks * 512 <= full - 8 * 2**20
+    agent.check("umount /mnt/q")
+    r = subprocess.run(["qemu-img", "check", "-U", str(qcow_disk)], capture_output=True, text=True)
+    assert r.returncode == 0 and "No errors" in r.stdout, r.stdout + r.stderr
+
+
 # ---- virtio-net ----
 
 def test_guest_pings_the_host_over_a_tap(linux):
@@ -159,13 +178,12 @@ def test_balloon_lowers_guest_memory_and_host_allocation(linux):
 def test_pause_resume_keeps_the_loop_running_and_time_monotonic(linux):
     vm, agent, _ = linux
     agent.check("(while :; do echo $(cut -d' ' -f1 /proc/uptime) $(date +%s); usleep 100000; done"
-                " > /tmp/clock.log 2>&1 &) ; sleep 1")
+                " > /tmp/clock.log 2>&1 & echo $! > /tmp/clock.pid); sleep 1")
     vm.rpc("vm.pause")
     time.sleep(2)
     vm.rpc("vm.resume")
     time.sleep(2)
-    agent.check("kill $(pgrep -f 'cut -d' 2>/dev/null) 2>/dev/null; true")
-    log = agent.check("cat /tmp/clock.log; pkill -f /proc/uptime; true")
+    log = agent.check("kill $(cat /tmp/clock.pid); cat /tmp/clock.log")
     rows = [tuple(float(x) for x in line.split()) for line in log.splitlines()
             if re.fullmatch(r"[\d.]+ \d+", line.strip())]
     assert len(rows) >= 10

@@ -60,7 +60,7 @@ BUSYBOX_APPLETS = (
     "reboot", "rm", "rmmod", "sed", "seq", "setsid", "sha256sum", "sleep", "sort",
     "stat", "sync", "tail", "test", "tr", "true", "udhcpc", "umount", "uname", "uniq",
     "wc", "xargs", "[", "stty", "blkdiscard", "fstrim", "blockdev", "nproc", "uptime",
-    "mkfs.ext2", "awk", "tee", "usleep", "timeout",
+    "mke2fs", "awk", "tee", "usleep", "timeout",
 )
 
 # The base command line for this guest. Hosts whose KVM emulates CPL0 need
