@@ -169,7 +169,7 @@ def main() -> int:
     for spin in (int(s) for s in args.spins.split(",") if s):
         g = build_guest("gapwatch", out_dir, {"DEND": DSTART + (512 << 20), "SPIN": spin},
                         name=f"gapwatch-dirty-s{spin}")
-        cases.append((f"dirty spin={spin}", g, "unix", {}))
+        cases.append((f"dirty spin={spin}", g, "unix", {"timeout_s": 120}))
     for name, guest, tr, params in cases:
         with tempfile.TemporaryDirectory(prefix="bench-mig-") as tmp:
             r = one(tr, guest, tmp, params)

@@ -96,7 +96,8 @@ class Migration:
                        "throttle_pct": 0, "total_ms": None, "error": None,
                        "downtime_limit_ms": self.downtime_ms}
         self._t0 = time.monotonic()
-        self._sent_at_start = 0
+        self._pass_start_bytes = 0
+        self._last_pass_bytes = 0
         self._send_time = 0.0  # seconds spent in sendall: bandwidth = bytes / this
         self._replies = proto.SourceReplies()
         self._rbuf: list[str] = []
@@ -263,7 +264,9 @@ class Migration:
                     raise MigrationFailed(f"did not converge within {self.timeout_s:g} s "
                                           f"({remaining} dirty bytes, expected downtime "
                                           f"{self.status['expected_downtime_ms']} ms > {self.downtime_ms:g} ms)")
-                if self.auto_converge and self.status["iteration"] >= 2 and rate > bw * 0.5:
+                # Not converging: the pass found at least half as many dirty bytes
+                # as the previous pass sent (QEMU's criterion) -> throttle harder.
+                if self.auto_converge and self.status["iteration"] >= 2 and remaining >= 0.5 * self._last_pass_bytes:
                     self.throttle.set(20 if not self.throttle.pct else self.throttle.pct + 10)
                     self.status["throttle_pct"] = self.throttle.pct
                 it_start = t
@@ -325,6 +328,8 @@ class Migration:
                 self.sock.close()
 
     def _iteration_done(self, started: float) -> None:
+        self._last_pass_bytes = self.status["bytes_sent"] - self._pass_start_bytes
+        self._pass_start_bytes = self.status["bytes_sent"]
         # Bandwidth over the time spent sending (not scanning), capped by the limit.
         if self._send_time > 0 and self.status["bytes_sent"] > (1 << 20):
             bw = self.status["bytes_sent"] / self._send_time
