@@ -254,7 +254,8 @@ class Migration:
                 rate = remaining / elapsed if elapsed > 0 else 0
                 self.status.update(remaining_dirty_bytes=remaining, dirty_rate_mibs=round(rate / (1 << 20), 2),
                                    expected_downtime_ms=round(remaining / bw * 1000, 1))
-                if remaining / bw * 1000 <= self.downtime_ms:
+                converged = remaining / bw * 1000 <= self.downtime_ms
+                if converged:
                     # Switch over once the destination's device processes run (its
                     # start-up would otherwise count as downtime); until then, pass on.
                     if self._poll("mig-prepared"):
@@ -266,7 +267,8 @@ class Migration:
                                           f"{self.status['expected_downtime_ms']} ms > {self.downtime_ms:g} ms)")
                 # Not converging: the pass found at least half as many dirty bytes
                 # as the previous pass sent (QEMU's criterion) -> throttle harder.
-                if self.auto_converge and self.status["iteration"] >= 2 and remaining >= 0.5 * self._last_pass_bytes:
+                if (self.auto_converge and not converged and self.status["iteration"] >= 2
+                        and remaining >= 0.5 * self._last_pass_bytes):
                     self.throttle.set(20 if not self.throttle.pct else self.throttle.pct + 10)
                     self.status["throttle_pct"] = self.throttle.pct
                 it_start = t
@@ -330,9 +332,11 @@ class Migration:
     def _iteration_done(self, started: float) -> None:
         self._last_pass_bytes = self.status["bytes_sent"] - self._pass_start_bytes
         self._pass_start_bytes = self.status["bytes_sent"]
-        # Bandwidth over the time spent sending (not scanning), capped by the limit.
-        if self._send_time > 0 and self.status["bytes_sent"] > (1 << 20):
-            bw = self.status["bytes_sent"] / self._send_time
+        # Bandwidth: what a pass achieved end to end (scanning, hashing, sending:
+        # what the last pass will take), from passes that moved enough to tell.
+        dt = time.monotonic() - started
+        if self._last_pass_bytes > (4 << 20) and dt > 0:
+            bw = self._last_pass_bytes / dt
             if self.max_bw:
                 bw = min(bw, self.max_bw)
             self.status["bandwidth_mibs"] = round(bw / (1 << 20), 2)
