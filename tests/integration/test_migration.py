@@ -401,7 +401,9 @@ def test_device_crash_mid_migration_loses_nothing(tmp_path, small_incrementer):
         src.wait_for("B", 60)
         uri = f"unix:{tmp_path}/d.sock"
         dst = destination(tmp_path / "b", uri)
-        src.rpc("migration.start", {"uri": uri, "max_bandwidth_mibs": 4, "downtime_ms": 50})
+        # Slow (about a second of RAM), then converging at once (4 MiB dirty fit 2 s at 4 MiB/s).
+        src.rpc("migration.start", {"uri": uri, "max_bandwidth_mibs": 4, "downtime_ms": 2000,
+                                    "timeout_s": 60})
         wait_migration(src, until=("active",))
         pid = next(d["pid"] for d in src.rpc("device.list") if d["id"] == "lpc")
         os.kill(pid, signal.SIGKILL)
