@@ -89,6 +89,9 @@ class VmmChannel:
         self._pollers: dict[tuple[int, int | None], zmq.Poller] = {}
         self._req: zmq.Socket | None = None
         self.evt_socket: zmq.Socket | None = None
+        # callable(kind, fmt, *args): counts and rate-limits what the device
+        # got wrong (vmmd's ManagedDevice.refuse); plain logging without it.
+        self.on_refusal = None
         try:
             self._req = self._bind(ctx, self.req_endpoint)
             self.evt_socket = self._bind(ctx, self.evt_endpoint)
@@ -139,20 +142,27 @@ class VmmChannel:
             except zmq.Again:
                 self._wait(zmq.POLLOUT, deadline, abort_fd, f"room to send {what}")
 
-    def _recv(self, deadline: float, abort_fd: int | None, what: str) -> Message:
-        """The next valid message on req; ProtocolError (logged) for garbage."""
+    def _recv(self, deadline: float, abort_fd: int | None, what: str,
+              limit: int = protocol.MAX_FRAME) -> Message:
+        """The next valid message on req; ProtocolError (logged) for garbage
+        and for frames over `limit` bytes (not even decoded)."""
         while True:
             self._wait(zmq.POLLIN, deadline, abort_fd, what)
             try:
                 frame = self._req.recv(zmq.DONTWAIT)
             except zmq.Again:
                 continue
+            if len(frame) > limit:
+                text = f"{what}: frame of {len(frame)} bytes exceeds {limit}"
+                self._refuse("oversized", "%s", text)
+                self._complain(ErrorCode.MALFORMED, text)
+                raise ProtocolError(text)
             try:
                 msg = protocol.decode_from_device(frame)
                 if msg.TYPE not in protocol.REQ_FROM_DEVICE:
                     raise ProtocolError(f"{msg.TYPE.name} does not belong on the request channel")
             except ProtocolError as exc:
-                log.warning("device %s: bad frame on req: %s", self.device_id, exc)
+                self._refuse("malformed", "bad frame on req: %s", exc)
                 self._complain(ErrorCode.MALFORMED, str(exc))
                 raise
             return msg
@@ -165,17 +175,30 @@ class VmmChannel:
             pass
 
     def _await_reply(self, seq: int, reply_type: type, deadline: float, abort_fd: int | None,
-                     what: str) -> Message:
+                     what: str, limit: int = protocol.MAX_SMALL_FRAME) -> Message:
         while True:
-            msg = self._recv(deadline, abort_fd, what)
+            msg = self._recv(deadline, abort_fd, what, limit)
             if type(msg) is reply_type and msg.seq == seq:
                 return msg
             if type(msg) is Error:
-                log.warning("device %s reported error %s: %s", self.device_id, msg.code, msg.text)
+                self._refuse("error_reports", "reported error %s: %s", msg.code, msg.text)
             elif type(msg) in (ReadReply, ControlReply):
-                log.debug("device %s: dropped stale reply seq %d", self.device_id, msg.seq)
+                self._refuse("stale_replies", "dropped a stale reply seq %d", msg.seq)
             else:
-                log.warning("device %s: dropped unexpected %s", self.device_id, msg.TYPE.name)
+                self._refuse("unexpected", "dropped an unexpected %s", msg.TYPE.name)
+
+    def _refuse(self, kind: str, fmt: str, *args) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal(kind, fmt, *args)
+        else:
+            log.warning("device %s: " + fmt, self.device_id, *args)
+
+    def _locked(self, deadline: float, what: str):
+        """The req socket's lock, waited for at most until `deadline`: a call
+        stuck behind a hung device gives up in time instead of queueing."""
+        if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise DeviceTimeout(f"device {self.device_id}: channel busy, no {what} within the timeout")
+        return _Held(self._lock)
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -188,7 +211,7 @@ class VmmChannel:
 
         `validate(hello)` may return a reason (non-empty str) to refuse the device."""
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._locked(deadline, "HELLO"):
             msg = self._recv(deadline, abort_fd, "HELLO")
             if type(msg) is not Hello:
                 self._complain(ErrorCode.UNEXPECTED, f"expected HELLO, got {msg.TYPE.name}")
@@ -210,13 +233,13 @@ class VmmChannel:
              abort_fd: int | None = None) -> int:
         """A synchronous register read; sees the effect of all earlier writes."""
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._locked(deadline, "READ"):
             seq = self._next_seq()
             self._send(protocol.encode(Read(seq, space, addr, size)), deadline, abort_fd, "READ")
             reply = self._await_reply(seq, ReadReply, deadline, abort_fd, f"reply to READ {addr:#x}")
             if reply.value >> (8 * size):
                 text = f"value {reply.value:#x} does not fit a {size}-byte read"
-                log.warning("device %s: %s", self.device_id, text)
+                self._refuse("malformed", "%s", text)
                 self._complain(ErrorCode.MALFORMED, text)
                 raise ProtocolError(text)
         return reply.value
@@ -226,17 +249,23 @@ class VmmChannel:
         """A posted write: returns once queued; blocks only while the queue is full."""
         frame = protocol.encode(Write(space, addr, size, value))
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._locked(deadline, "WRITE"):
             self._send(frame, deadline, abort_fd, "WRITE")
 
     def control(self, op: str, args: dict, timeout: float = DEFAULT_TIMEOUT,
-                abort_fd: int | None = None) -> Any:
-        """Run a CONTROL op; its result, or DeviceControlError with the device's text."""
+                abort_fd: int | None = None, max_reply: int | None = None) -> Any:
+        """Run a CONTROL op; its result, or DeviceControlError with the device's text.
+
+        A reply frame over `max_reply` bytes (default: MAX_FRAME for save,
+        MAX_SMALL_FRAME otherwise) raises ProtocolError without being decoded."""
+        if max_reply is None:
+            max_reply = protocol.MAX_FRAME if op == "save" else protocol.MAX_SMALL_FRAME
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._locked(deadline, f"CONTROL {op}"):
             seq = self._next_seq()
             self._send(protocol.encode(Control(seq, op, args)), deadline, abort_fd, f"CONTROL {op}")
-            reply = self._await_reply(seq, ControlReply, deadline, abort_fd, f"reply to CONTROL {op}")
+            reply = self._await_reply(seq, ControlReply, deadline, abort_fd, f"reply to CONTROL {op}",
+                                      max_reply)
         if not reply.ok:
             raise DeviceControlError(reply.result)
         return reply.result
@@ -261,6 +290,20 @@ class VmmChannel:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+class _Held:
+    """Releases an already-acquired lock on leaving a with block."""
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock):
+        self._lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
 
 
 class DeviceChannel:

@@ -24,7 +24,7 @@ __all__ = [
     "ProtocolError", "ErrorCode", "Message",
     "Hello", "Welcome", "Read", "ReadReply", "Write", "Control", "ControlReply",
     "IrqLine", "Msi", "Checkpoint", "Request", "Log", "Error", "Vector",
-    "encode", "decode_from_device", "decode_from_vmm",
+    "encode", "decode_from_device", "decode_from_vmm", "frame_type",
     "FROM_DEVICE", "FROM_VMM", "REQ_FROM_DEVICE", "EVT_FROM_DEVICE",
     "MAX_FRAME", "MAX_SMALL_FRAME", "MAX_NAME_LEN", "MAX_TEXT_LEN", "MAX_RANGES",
     "REQUESTS", "LOG_LEVEL_MAX", "MSI_ADDRESS_BASE", "MSI_ADDRESS_SIZE", "MAX_VECTORS",
@@ -400,6 +400,14 @@ def _peek_type(data: bytes) -> int | None:
     if idx is None or len(data) <= idx or data[idx] > 0x7F:
         return None
     return data[idx]
+
+
+def frame_type(data: bytes) -> int | None:
+    """The message type of a frame without decoding it (None if unclear):
+    lets a receiver apply a per-type size limit before paying for a decode."""
+    if not data:
+        return None
+    return _peek_type(bytes(data[:6]))
 
 
 def _decode(data: Any, allowed: frozenset) -> Message:

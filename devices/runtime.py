@@ -61,7 +61,7 @@ class BootstrapError(ValueError):
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _KNOWN_KEYS = {"id", "kind", "req", "evt", "mem_fd", "layout", "sandbox", "options", "restore",
-               "fds", "status_fd", "generation"}
+               "fds", "status_fd", "generation", "cgroup_fds", "host_ids"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,8 @@ class Bootstrap:
     fds: dict = field(default_factory=dict)
     status_fd: int | None = None   # where isolate() reports the pid, if not stdout
     generation: int | None = None
+    cgroup_fds: tuple = ()          # cgroup.procs fds isolate() joins and closes
+    host_ids: tuple | None = None   # unprivileged host (uid, gid) to drop to
     unknown_keys: tuple = ()
 
 
@@ -132,8 +134,19 @@ def parse_bootstrap(text: str, kind: str) -> Bootstrap:
     generation = doc.get("generation")
     if generation is not None and (type(generation) is not int or generation < 0):
         raise BootstrapError("generation must be a non-negative int")
+    cgroup_fds = doc.get("cgroup_fds") or []
+    if type(cgroup_fds) is not list:
+        raise BootstrapError("cgroup_fds must be a list of fds")
+    for fd in cgroup_fds:
+        _fd(fd, "cgroup_fds[]")
+    host_ids = doc.get("host_ids")
+    if host_ids is not None:
+        if (type(host_ids) is not list or len(host_ids) != 2
+                or any(type(i) is not int or not 0 < i < (1 << 31) for i in host_ids)):
+            raise BootstrapError("host_ids must be [uid, gid], both non-zero")
+        host_ids = tuple(host_ids)
     return Bootstrap(dev_id, kind, doc["req"], doc["evt"], doc["sandbox"], mem_fd, layout, options,
-                     restore, fds, status_fd, generation,
+                     restore, fds, status_fd, generation, tuple(cgroup_fds), host_ids,
                      tuple(sorted(k for k in doc if k not in _KNOWN_KEYS)))
 
 
@@ -331,11 +344,12 @@ class Server:
 
 def _isolate(boot: Bootstrap) -> None:
     from sandbox import namespaces
+    kw = {"cgroup_fds": boot.cgroup_fds, "host_ids": boot.host_ids}
     if boot.status_fd is None:
-        namespaces.isolate(boot.sandbox)
+        namespaces.isolate(boot.sandbox, **kw)
         return
     try:
-        namespaces.isolate(boot.sandbox, status_fd=boot.status_fd)
+        namespaces.isolate(boot.sandbox, status_fd=boot.status_fd, **kw)
     finally:
         os.close(boot.status_fd)
 
@@ -372,7 +386,9 @@ async def _run(boot: Bootstrap, model: DeviceModel, host: RuntimeHost, enter_jai
         host.attach(channel)
         _watch_lifeline(boot)
         if enter_jail is not None:
-            enter_jail()
+            # Only the model knows what it writes (virtio-blk: its image, in place).
+            limit = getattr(model, "file_size_limit", None)
+            enter_jail(file_size_limit=limit() if callable(limit) else None)
         return await Server(model, host, channel).serve()
     finally:
         channel.close()

@@ -8,7 +8,12 @@ threads already running. Steps, in order:
      old root (only inside the mount namespace isolate() created);
   b. close fds (see below);
   c. rlimits: NOFILE just above the highest fd kept, CORE 0, FSIZE from the
-     policy (0 unless the device writes files);
+     policy (0 unless the device writes files) or the caller (virtio-blk:
+     its image size);
+  c'. ids: switch to the unprivileged uid/gid isolate() mapped, which
+     empties every thread's capabilities (sandbox.privileges); this comes
+     after the pivot, which still needed CAP_SYS_ADMIN in the device's
+     user namespace;
   d. PR_SET_NO_NEW_PRIVS;
   e. landlock: deny all new filesystem access, when the kernel has it;
   f. seccomp filter from the policy, loaded with TSYNC (every thread).
@@ -34,7 +39,7 @@ from __future__ import annotations
 import sys
 from typing import Iterable
 
-from sandbox import landlock, limits, namespaces
+from sandbox import landlock, limits, namespaces, privileges
 from sandbox.seccomp_policy import Policy
 
 _entered = False
@@ -50,12 +55,14 @@ def _warn(text: str) -> None:
 
 
 def enter(policy: Policy, mode: str, keep_fds: Iterable[int] | None = None,
-          close_fds: Iterable[int] = (), isolation: namespaces.Isolation | None = None) -> dict:
+          close_fds: Iterable[int] = (), isolation: namespaces.Isolation | None = None,
+          file_size_limit: int | None = None) -> dict:
     """Enter the jail (see module doc). Returns a report of what was applied:
-    {"mode", "policy", "root", "fds", "rlimits", "no_new_privs", "landlock",
-    "seccomp"}. Raises JailError if called twice, ValueError on a bad mode.
+    {"mode", "policy", "root", "fds", "rlimits", "ids", "no_new_privs",
+    "landlock", "seccomp"}. file_size_limit overrides the policy's. Raises JailError if called twice, ValueError on a bad mode.
     Steps that the kernel or our privileges do not permit are skipped with a
-    warning on stderr and noted in the report; seccomp is never skipped."""
+    warning on stderr and noted in the report; seccomp and the drop of ids
+    (when isolate() mapped them) are never skipped: their failure raises."""
     global _entered
     if mode not in namespaces.MODES:
         raise ValueError(f"sandbox mode must be one of {namespaces.MODES}, not {mode!r}")
@@ -94,7 +101,17 @@ def enter(policy: Policy, mode: str, keep_fds: Iterable[int] | None = None,
 
     # c. rlimits
     report["rlimits"] = limits.apply_rlimits(
-        highest_fd=max(kept | {2}), fd_margin=policy.fd_margin, file_size_limit=policy.file_size_limit)
+        highest_fd=max(kept | {2}), fd_margin=policy.fd_margin,
+        file_size_limit=policy.file_size_limit if file_size_limit is None else file_size_limit)
+
+    # c'. ids and capabilities
+    if iso is not None and iso.drop_to is not None:
+        try:
+            report["ids"] = {**privileges.drop_to(*iso.drop_to), "host": list(iso.host_ids or ())}
+        except OSError as e:
+            raise JailError(f"cannot drop privileges: {e}") from e
+    else:
+        report["ids"] = "unchanged: no second id mapped (not started as root)"
 
     # d. no_new_privs
     limits.set_no_new_privs()

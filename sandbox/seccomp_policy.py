@@ -42,6 +42,8 @@ PROT_EXEC = 0x4
 AF_UNIX = 1
 TCGETS, TCSETS, TIOCGWINSZ = 0x5401, 0x5402, 0x5413
 FIONREAD, FIONBIO, FIONCLEX, FIOCLEX = 0x541B, 0x5421, 0x5450, 0x5451
+SCHED_OTHER = 0
+PR_SET_NAME, PR_GET_NAME = 15, 16
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,14 @@ _BASE_CONDITIONAL = (
     ArgRule("prlimit64", ((0, EQ, 0, 0), (2, EQ, 0, 0))),
     # abort()/raise() signal only this process
     ArgRule("tgkill", ((0, EQ, SELF_PID, 0),)),
+    # What a libzmq background thread does first when it runs: re-apply its
+    # (default) scheduling policy, then name itself. Under load a thread
+    # created before the jail may run for the first time after it, and died
+    # of SIGSYS when these were not admitted (issue 9). Neither can raise a
+    # priority: SCHED_OTHER takes only priority 0, and the name is cosmetic.
+    ArgRule("sched_setscheduler", ((1, EQ, SCHED_OTHER, 0),)),
+    ArgRule("prctl", ((0, EQ, PR_SET_NAME, 0),)),
+    ArgRule("prctl", ((0, EQ, PR_GET_NAME, 0),)),
     # ioctl: the few generic fd ioctls Python, libuv and libzmq issue
     *(ArgRule("ioctl", ((1, EQ, req, 0),)) for req in (FIONBIO, FIONREAD, FIOCLEX, FIONCLEX, TCGETS, TIOCGWINSZ)),
 )

@@ -17,12 +17,13 @@ class VmmdProcess:
     """One vmmd run. COM1 goes to a file the test reads; the API socket is always on."""
 
     def __init__(self, tmp_path: Path, args: list[str], *, com1: str | None = "file",
-                 sandbox: str = "on", extra_env: dict | None = None, netns: str | None = None):
+                 sandbox: str = "on", extra_env: dict | None = None, netns: str | None = None,
+                 entry: str = "vmmd.cli"):
         self.tmp = tmp_path
         self.console = tmp_path / "com1.out"
         self.api = str(tmp_path / "api.sock")
         self.stderr_path = tmp_path / "vmmd.stderr"
-        cmd = [sys.executable, "-m", "vmmd.cli", "--api-socket", self.api, "--sandbox", sandbox]
+        cmd = [sys.executable, "-m", entry, "--api-socket", self.api, "--sandbox", sandbox]
         self.com1_socket = tmp_path / "com1.sock"
         if com1 == "file":
             cmd += ["-l", f"com1,file,{self.console}"]

@@ -6,15 +6,27 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
+import stat
 import sys
 import termios
 import tty
 
-import uvloop
+from vmmd.config import ConfigError, error_line, parse_or_exit
 
-from vmmd.config import parse_or_exit
 from vmmd.snapshot.format import SnapshotError
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """RLIMIT_NOFILE soft -> hard: the control socket's connection cap leaves the
+    rest of the descriptors to devices and their restarts (docs: control socket limits)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 @contextlib.contextmanager
@@ -34,7 +46,7 @@ def raw_terminal(enabled: bool):
 async def _serve(cfg, prepared=None) -> int:
     from vmmd.api.jsonrpc import Dispatcher
     from vmmd.api.methods import build_registry
-    from vmmd.api.server import serve
+    from vmmd.api.server import ServeError, serve
     from vmmd.machine import Machine
 
     machine = Machine(cfg, memory=prepared.memory if prepared else None, restore=prepared)
@@ -42,15 +54,41 @@ async def _serve(cfg, prepared=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, machine._finish, 0)
     server = None
-    if cfg.api_socket:
-        server = await serve(cfg.api_socket, Dispatcher(build_registry(machine)))
+    ran = False
     try:
+        if cfg.api_socket:
+            try:
+                limits = cfg.api_limits.fitted_to(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                if limits != cfg.api_limits:
+                    logging.getLogger("vmmd").warning(
+                        "control socket: at most %d connections (RLIMIT_NOFILE leaves no more)",
+                        limits.max_connections)
+                dispatcher = Dispatcher(build_registry(machine), max_batch=limits.max_batch,
+                                        max_reply=limits.max_reply)
+                server = await serve(cfg.api_socket, dispatcher, limits=limits)
+            except ServeError as exc:   # before any device starts: a usage error
+                raise ConfigError(f"--api-socket: {exc}") from None
+        ran = True
         return await machine.run()
     finally:
         if server is not None:
             server.close()
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        if ran:   # else the sockets at those paths are not ours (e.g. another vmmd's)
+            remove_console_sockets(cfg)
+
+
+def remove_console_sockets(cfg) -> None:
+    """The lpc binds its console sockets but cannot unlink them from inside its jail;
+    vmmd, which named them, removes them when the VM ends."""
+    for spec in dict(cfg.consoles).values():
+        kind, _, path = spec.partition(",")
+        if kind != "socket":
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
 
 
 def _restore_or_exit(argv: list[str]):
@@ -89,13 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         format="vmmd %(levelname)s %(name)s: %(message)s\r" if os.isatty(2) else "vmmd %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr)
     stdio_console = "stdio" in dict(cfg.consoles).values()
+    raise_nofile_limit()
+    import uvloop   # here, not at the top: a rejected command line exits before asyncio loads
     try:
         with raw_terminal(stdio_console):
             code = uvloop.run(_serve(cfg, prepared))
     except SystemExit:
         raise
+    except ConfigError as exc:   # found while setting up, before any device process
+        print(error_line(exc), file=sys.stderr)
+        return 2
     except SnapshotError as exc:  # refused by a device or KVM while restoring: torn down, nothing ran
-        print(f"vmmd: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         code = 2
     except Exception as exc:
         logging.getLogger("vmmd").error("%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))

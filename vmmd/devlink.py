@@ -2,8 +2,16 @@
 
 A ManagedDevice outlives the device's processes: the IoSpaceMap points at it,
 and it forwards accesses to the current incarnation's channel. While the
-device is down, failed or restarting, reads return all-ones and writes are
-dropped, so a vCPU never waits on a dead process and the VM keeps running.
+device is being replaced (crashed, unresponsive, restarting) an access waits
+for the new incarnation, at most --device-timeout, so a crash costs the guest
+latency rather than bytes; once the device is failed for good (crash-loop
+limit) or stopped, reads return all-ones and writes are dropped at once, and
+the VM keeps running.
+
+It also keeps vmmd's view of the device for operators: per-kind counts of
+the messages vmmd refused from it (vmmd/authority.py), and the last stats
+the supervisor's heartbeat collected, so that operator calls never touch the
+channel the vCPUs use.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from dataclasses import dataclass, field
 from bus import endpoint as bus_endpoint
 from bus.protocol import ProtocolError
 from bus.types import IoSpace
+from vmmd.authority import RESET_PORTS, ResetPortWatch
 from vmmd.pci.fastpath import PciExpect, close_fds
+from vmmd.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,8 @@ class DeviceSpec:
     needs_memory: bool = False
     stdio: bool = False  # the device talks to vmmd's terminal (stdio console)
     pci: PciExpect | None = None  # a PCI function: what it must declare at HELLO
+    reset_ports: bool = False  # owns the reset ports (lpc): may request a VM reset the guest asked for
+    max_state: int = 256 << 10  # largest CHECKPOINT frame accepted (bytes)
 
 
 @dataclass
@@ -47,14 +59,33 @@ class Incarnation:
     started: float = field(default_factory=time.monotonic)
 
 
+# States in which the device is being replaced: accesses wait for it.
+REPLACING = frozenset({"starting", "unresponsive", "crashed", "restarting"})
+OPERATOR_CALLS = 2  # API calls in flight per device; more are refused, not queued
+
+
 class ManagedDevice:
-    STATES = ("starting", "running", "failed", "crashed", "restarting", "stopped")
+    # unresponsive: missed a reply, being killed; failed: crash-loop limit hit,
+    # no more restarts until device.restart.
+    STATES = ("starting", "running", "unresponsive", "crashed", "restarting", "failed", "stopped")
 
     def __init__(self, spec: DeviceSpec, timeout: float, sandbox: str):
         self.spec = spec
         self.timeout = timeout
         self.sandbox = sandbox
-        self.state = "starting"
+        self._state = "starting"
+        self._changed = threading.Condition(threading.Lock())
+        self.refused: dict[str, int] = {}
+        # One bucket per refusal kind (a fixed set in vmmd's code): a flood of
+        # one kind cannot hide the first line of another.
+        self._refusal_logs: dict[str, TokenBucket] = {}
+        self._count_lock = threading.Lock()
+        self.reset_watch = ResetPortWatch() if spec.reset_ports else None
+        self.stats_cache: dict | None = None   # the device's last CONTROL stats (heartbeat)
+        self.stats_at: float | None = None
+        self.heartbeats = 0
+        self.crash_times: list[float] = []     # monotonic times of recent crashes (crash-loop limit)
+        self._operator_calls = threading.BoundedSemaphore(OPERATOR_CALLS)
         self.restarts = 0
         self.generation = 0
         self.current: Incarnation | None = None
@@ -71,9 +102,75 @@ class ManagedDevice:
         self.pci_function = None         # vmmd.pci.function.PciFunction once on the bus
 
     @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        with self._changed:
+            self._state = value
+            self._changed.notify_all()
+
+    def set_current(self, inc: "Incarnation | None", state: str) -> None:
+        """Install (or drop) the incarnation and the state together; wakes waiting vCPUs."""
+        with self._changed:
+            self.current = inc
+            self._state = state
+            self._changed.notify_all()
+
+    @property
     def ready(self) -> bool:
         """A running incarnation answers accesses (else reads are all-ones)."""
-        return self.current is not None and self.state == "running"
+        return self.current is not None and self._state == "running"
+
+    def _usable(self, deadline: float, stale: "Incarnation | None" = None) -> "Incarnation | None":
+        """The running incarnation (not `stale`), waiting while the device is
+        being replaced, until `deadline`; None if failed, stopped or too late."""
+        inc, state = self.current, self._state
+        if inc is not None and state == "running" and inc is not stale:
+            return inc  # the fast path: no lock
+        with self._changed:
+            while True:
+                inc, state = self.current, self._state
+                if inc is not None and state == "running" and inc is not stale:
+                    return inc
+                if state not in REPLACING and not (state == "running" and inc is stale):
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(left)
+
+    # -- refusals ----------------------------------------------------------------
+    def refuse(self, kind: str, fmt: str, *args) -> None:
+        """Count a refused device message and log it at a bounded rate."""
+        with self._count_lock:
+            self.refused[kind] = self.refused.get(kind, 0) + 1
+            bucket = self._refusal_logs.get(kind)
+            if bucket is None:
+                bucket = self._refusal_logs[kind] = TokenBucket(rate=1.0, burst=5)
+        dropped = bucket.take()
+        if dropped is None:
+            return
+        more = f" ({dropped} similar lines suppressed)" if dropped else ""
+        log.warning("device %s: refused: " + fmt + "%s", self.spec.id, *args, more)
+
+    def log_lines_suppressed(self) -> int:
+        return sum(b.suppressed_total for b in list(self._refusal_logs.values()))
+
+    def count_refusal(self) -> int:
+        return sum(self.refused.values())
+
+    def operator_control(self, op: str, args: dict | None = None, timeout: float | None = None):
+        """A CONTROL call for the API: at most OPERATOR_CALLS in flight per
+        device, each bounded by the timeout, so a hung device cannot soak up
+        the threads others need."""
+        if not self._operator_calls.acquire(timeout=0.05):
+            raise bus_endpoint.DeviceTimeout(f"device {self.spec.id} is busy with other API calls")
+        try:
+            return self.control(op, args, timeout)
+        finally:
+            self._operator_calls.release()
 
     def harvest_dirty(self):
         """Guest pages the device wrote since the last harvest (sorted page numbers).
@@ -97,43 +194,58 @@ class ManagedDevice:
     # -- I/O from vCPU threads -------------------------------------------------
     def io_read(self, space: IoSpace, addr: int, size: int) -> int:
         ones = (1 << (8 * size)) - 1
-        inc = self.current
-        if inc is None or self.state != "running":
-            return ones
-        try:
-            return inc.channel.read(space, addr, size, self.timeout, inc.pidfd)
-        except bus_endpoint.DeviceTimeout:
-            self._failed(inc, f"no answer to a {space.name} read at {addr:#x} within {self.timeout}s")
-        except bus_endpoint.DeviceGone:
-            pass  # the supervisor reports the exit
-        except ProtocolError as exc:
-            self._failed(inc, f"bad reply: {exc}")
-        return ones
+        deadline = time.monotonic() + self.timeout
+        stale = None
+        while True:
+            inc = self._usable(deadline, stale)
+            if inc is None:
+                return ones
+            try:
+                # The wait for a successor is bounded by the deadline; the
+                # access itself gets a full timeout, or a slow-starting
+                # successor would be declared hung.
+                return inc.channel.read(space, addr, size, self.timeout, inc.pidfd)
+            except bus_endpoint.DeviceTimeout:
+                self._failed(inc, f"no answer to a {space.name} read at {addr:#x} within {self.timeout}s")
+                return ones
+            except bus_endpoint.DeviceGone:
+                stale = inc  # it died before answering: ask its successor
+            except ProtocolError as exc:
+                self._failed(inc, f"bad reply: {exc}")
+                return ones
 
     def io_write(self, space: IoSpace, addr: int, size: int, value: int) -> None:
-        inc = self.current
-        if inc is None or self.state != "running":
-            return
-        try:
-            inc.channel.write(space, addr, size, value)
-        except bus_endpoint.DeviceTimeout:
-            self._failed(inc, f"write queue full at {space.name} {addr:#x}")
-        except bus_endpoint.DeviceGone:
-            pass
+        if self.reset_watch is not None and space is IoSpace.PIO and addr in RESET_PORTS:
+            self.reset_watch.observe_write(addr, value)
+        deadline = time.monotonic() + self.timeout
+        stale = None
+        while True:
+            inc = self._usable(deadline, stale)
+            if inc is None:
+                return
+            try:
+                inc.channel.write(space, addr, size, value, self.timeout, inc.pidfd)
+                return
+            except bus_endpoint.DeviceTimeout:
+                self._failed(inc, f"write queue full at {space.name} {addr:#x}")
+                return
+            except bus_endpoint.DeviceGone:
+                stale = inc
 
     def control(self, op: str, args: dict | None = None, timeout: float | None = None):
         inc = self.current
         if inc is None or self.state != "running":
             raise bus_endpoint.DeviceGone(f"device {self.spec.id} is {self.state}")
-        return inc.channel.control(op, args or {}, timeout or self.timeout, inc.pidfd)
+        limit = self.spec.max_state if op == "save" else None
+        return inc.channel.control(op, args or {}, timeout or self.timeout, inc.pidfd, max_reply=limit)
 
     def _failed(self, inc: Incarnation, reason: str) -> None:
+        """The incarnation stopped answering: it is killed and replaced."""
         with self._lock:
             if self.current is not inc or self.state != "running":
                 return
-            self.state = "failed"
-            self.failures += 1
-        log.error("device %s failed: %s", self.spec.id, reason)
+            self.state = "unresponsive"
+        log.error("device %s is unresponsive: %s", self.spec.id, reason)
         if self.on_failure:
             self.on_failure(self, reason)
 
@@ -152,7 +264,22 @@ class ManagedDevice:
             "last_exit": self.last_exit,
             "ranges": [{"space": r.space.name, "base": r.base, "length": r.length} for r in self.ranges],
             "fast_path": bool(self.fds),
+            "refused": dict(self.refused),
+            "refused_total": self.count_refusal(),
+            "log_lines_suppressed": self.log_lines_suppressed(),
+            "heartbeats": self.heartbeats,
         }
+
+    def operator_stats(self) -> dict:
+        """device.stats: the device's counters as of the last heartbeat plus
+        vmmd's own; never a bus round trip (the vCPUs' channel stays free)."""
+        out = dict(self.stats_cache or {})
+        age = None if self.stats_at is None else round(time.monotonic() - self.stats_at, 3)
+        out["vmmd"] = {"state": self.state, "restarts": self.restarts, "generation": self.generation,
+                       "refused": dict(self.refused), "refused_total": self.count_refusal(),
+                       "log_lines_suppressed": self.log_lines_suppressed(),
+                       "heartbeats": self.heartbeats, "stats_age_s": age}
+        return out
 
 
 def close_incarnation(inc: Incarnation) -> None:

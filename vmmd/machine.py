@@ -14,10 +14,14 @@ import tempfile
 import time
 
 from bus.types import PROTOCOL_VERSION
+from devopts import virtio_blk as blkopts
+from devopts import virtio_net as netopts
 from vmmd import assists, boot_setup
 from vmmd.api.methods import NoSuchDevice, VmStateError
 from vmmd.acpi_pm import AcpiSleepControl
+from vmmd.authority import DEFAULT_STATE_LIMIT, STATE_LIMITS
 from vmmd.chipset import NullPorts, ResetControl
+from vmmd.config import ConfigError
 from vmmd.devlink import DeviceSpec
 from vmmd.pci.bus import PciBus
 from vmmd.pci.config_access import ConfigMechanism1
@@ -34,19 +38,16 @@ log = logging.getLogger(__name__)
 
 # ISA interrupt lines the LPC bridge's devices may drive: COM2, COM1, RTC.
 LPC_GSIS = frozenset({3, 4, 8})
-MAX_BLK_QUEUES = 1024
+MAX_BLK_QUEUES = blkopts.MAX_QUEUES
 
 
 def virtio_blk_queues(args, where: str) -> int:
-    """num_queues=N among a virtio-blk slot's arguments (default 1)."""
-    n = 1
-    for arg in args[1:]:
-        key, eq, value = arg.partition("=")
-        if key == "num_queues" and eq:
-            if not value.isdigit() or not 1 <= int(value) <= MAX_BLK_QUEUES:
-                raise SystemExit(f"vmmd: error: {where}: num_queues must be 1..{MAX_BLK_QUEUES}")
-            n = int(value)
-    return n
+    """num_queues=N among a virtio-blk slot's arguments (default 1); the device's own
+    parser (vmmd.config checked the arguments with it already)."""
+    try:
+        return blkopts.parse(list(args)).num_queues
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 class Machine:
@@ -103,14 +104,19 @@ class Machine:
             loop=self.loop, rundir=self.rundir, memory=self.memory, iospace=self.iospace,
             irq_line=self._irq_line, on_request=self._device_request,
             sandbox=self.cfg.sandbox, timeout=self.cfg.device_timeout,
-            pci=self.pci, fast_path=self.cfg.bus_mode == "fast")
-        self.supervisor.msi = self._signal_msi
+            pci=self.pci, fast_path=self.cfg.bus_mode == "fast",
+            crash_limit=self.cfg.device_crash_limit)
         try:
+            specs = self._device_specs()
+            # Host resources first (a tap that cannot be opened is a usage error,
+            # reported before any device process has started).
+            host_fds = {spec.id: self._open_net_backend(spec) for spec in specs
+                        if spec.kind == "virtio_net"}
             t_dev = time.monotonic()
-            for spec in self._device_specs():
+            for spec in specs:
+                spec.max_state = STATE_LIMITS.get(spec.kind, DEFAULT_STATE_LIMIT)
                 dev = self.supervisor.add(spec)
-                if spec.kind == "virtio_net":
-                    dev.fds.update(self._open_net_backend(spec))
+                dev.fds.update(host_fds.get(spec.id, {}))
                 await self.supervisor.start(dev)
             t_restore = time.monotonic()
             incoming = getattr(self.restore_from, "incoming", None)  # vmmd --incoming
@@ -162,7 +168,9 @@ class Machine:
                              "memory_low": self.memory.layout.regions[0].size,
                              "memory_high": sum(r.size for r in self.memory.layout.regions[1:])},
                     allowed_gsis=LPC_GSIS,
+                    # quit (Ctrl-A x) only from a console the operator attached to stdio
                     stdio="stdio" in consoles.values(),
+                    reset_ports=True,
                     # Its ISA bridge function sits at the slot (0:31.0 as in bhyve).
                     pci=PciExpect(vectors=0, queues=0, intx=False, fixed_ranges=True)))
             elif slot.device == "hostbridge":
@@ -174,7 +182,7 @@ class Machine:
             elif slot.device == "virtio-net":
                 specs.append(self._virtio_net_spec(slot))
             else:
-                raise SystemExit(f"vmmd: error: device {slot.device!r} is not available yet")
+                raise ConfigError(f"device {slot.device!r} is not available yet")
         return specs
 
     def _virtio_blk_spec(self, slot) -> DeviceSpec:
@@ -196,9 +204,11 @@ class Machine:
         options; vmmd opens the backend (_open_net_backend) in its own network namespace."""
         import os
         where = f"-s {slot.slot}:{slot.function},virtio-net"
-        backends = [a.split("=", 1) for a in slot.args if a.split("=", 1)[0] in ("tap", "socket")]
-        if len(backends) != 1 or not backends[0][1:] or not backends[0][1]:
-            raise SystemExit(f"vmmd: error: {where}: needs exactly one of tap=NAME or socket=PATH")
+        try:
+            opts = netopts.parse(list(slot.args))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        backends = [[opts.backend, opts.backend_target]]
         macs = [a.split("=", 1)[1] for a in slot.args if a.startswith("mac=")]
         mac = macs[-1] if macs else "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
         gsi = intx_gsi(slot.slot, 1)  # INTA
@@ -219,7 +229,8 @@ class Machine:
         try:
             return open_host_fds(spec.options["backend"])
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"vmmd: error: {spec.id}: cannot open {'='.join(spec.options['backend'])}: {exc}")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"{spec.id}: cannot open {'='.join(spec.options['backend'])}: {reason}") from None
 
     def _virtio_balloon_spec(self, slot) -> DeviceSpec:
         gsi = intx_gsi(slot.slot, 1)  # INTA
@@ -327,15 +338,8 @@ class Machine:
         if self.vm is not None:
             self.vm.irq_line(gsi, 1 if level else 0)
 
-    def _signal_msi(self, address: int, data: int) -> None:
-        vm = self.vm
-        if vm is not None:
-            try:
-                vm.signal_msi(address, data)
-            except OSError as exc:
-                log.warning("MSI %#x/%#x not delivered: %s", address, data, exc)
-
     def _device_request(self, dev, what: str, args: dict) -> None:
+        """A request the supervisor authorised (vmmd/authority.py)."""
         if what == "quit":
             log.info("device %s asked to quit", dev.spec.id)
             self._finish(0)
@@ -461,15 +465,20 @@ class Machine:
     async def _device_call(self, dev, op: str, args: dict | None = None):
         from bus.endpoint import ChannelError, DeviceControlError
         try:
-            return await self.loop.run_in_executor(None, dev.control, op, args or {})
+            return await self.loop.run_in_executor(None, dev.operator_control, op, args or {})
         except DeviceControlError as exc:
             raise VmStateError(f"device {dev.spec.id}: {exc}") from None
         except ChannelError as exc:
             raise VmStateError(f"device {dev.spec.id} did not answer: {exc}") from None
 
     async def device_stats(self, device_id: str) -> dict:
-        """The device process's own counters (CONTROL stats)."""
-        return await self._device_call(self._device_or_raise(device_id), "stats")
+        """The device process's own counters as of its last heartbeat, vmmd's
+        (refusals), and its relayed and dropped log lines ("log_relay"): no bus
+        round trip, so pollers never slow the vCPUs."""
+        stats = self._device_or_raise(device_id).operator_stats()
+        if isinstance(stats, dict):
+            stats = {**stats, "log_relay": self.supervisor.log_stats(device_id)}
+        return stats
 
     async def set_link(self, device_id: str, up: bool) -> dict:
         """virtio-net link up/down (CONTROL device set_link)."""

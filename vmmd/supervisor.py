@@ -4,8 +4,28 @@ vmmd is a child subreaper: a device launcher unshares its namespaces, forks
 the real device (pid 1 of a new pid namespace), reports the device's pid on
 a status pipe and exits, so vmmd adopts the device and watches it through a
 pidfd. An exit is noticed at once (the pidfd becomes readable in the event
-loop); the device is restarted with exponential backoff against crash loops,
-and its last register checkpoint is restored into the new process.
+loop); the device is restarted with a back-off capped at 2 s, and its last
+register checkpoint is restored into the new process. More than
+`crash_limit` crashes within its window (default 5 in 60 s) mark the device
+failed: no more restarts (its accesses read all-ones at once) until an
+operator's device.restart.
+
+A hang is noticed by a heartbeat: every timeout/4 the supervisor sends each
+running device CONTROL stats (answered by its serve loop, so a stopped or
+wedged device cannot answer) and expects the reply within the rest of the
+timeout; the reply is cached for device.stats. Spawns, kills, restores and
+heartbeats run on the supervisor's own worker threads, never on the pool
+the API's device calls use, so a hung device cannot delay another's restart.
+
+Every event a device sends is authorised (vmmd/authority.py) before it has
+any effect; refusals are counted per device and logged at a bounded rate.
+
+Spawning (sandbox on/log): each incarnation gets a cgroup with memory and
+pids limits (sandbox.cgroups; the launcher joins it through an fd before it
+unshares its cgroup namespace) and the unprivileged host ids it drops to
+(sandbox.namespaces). Its stdout and stderr are a pipe vmmd reads
+(vmmd.device_log): attributed, cleaned, rate-limited; a device never holds
+vmmd's own stderr (a stdio console keeps vmmd's stdout as its console).
 """
 
 from __future__ import annotations
@@ -19,25 +39,32 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
 from bus import endpoint as bus_endpoint
 from bus import protocol
 from bus.pci_info import PciInfoError, parse_pci_info
+from sandbox.cgroups import CgroupLimits
 from vmmd.devlink import DeviceSpec, Incarnation, ManagedDevice, close_incarnation
+from bus.types import MsgType
 from vmmd.pci import fastpath
 from vmmd.pci.function import intx_gsi
+from vmmd.spawn_jail import JailSetup
 
 log = logging.getLogger(__name__)
 
 _PR_SET_CHILD_SUBREAPER = 36
-BACKOFF_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+BACKOFF_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)  # capped: a crash costs the guest latency
 STABLE_AFTER = 30.0  # a device that ran this long resets its backoff
 # A launch that hangs is caught by this; one that fails ends at once (EOF,
 # pidfd). Generous: Python's start-up alone takes tens of seconds on slow
 # (emulated, nested, loaded) hosts, and the nested lab is one.
 SPAWN_TIMEOUT = 120.0
+CRASH_LIMIT = (5, 60.0)  # this many crashes within this many seconds: failed, no more restarts
+EVENT_BATCH = 256  # events handled per device per loop iteration (a flood cannot starve the loop)
+SUPERVISION_WORKERS = 16
 
 
 def become_subreaper() -> None:
@@ -53,7 +80,9 @@ class SpawnError(RuntimeError):
 class Supervisor:
     def __init__(self, *, loop: asyncio.AbstractEventLoop, rundir: str, memory,
                  iospace, irq_line, on_request, sandbox: str, timeout: float,
-                 pci=None, fast_path: bool = True):
+                 pci=None, fast_path: bool = True, crash_limit: tuple[int, float] = CRASH_LIMIT,
+                 cgroup_limits: dict[str, CgroupLimits] | None = None,
+                 device_ids: tuple[int, int] | None = None):
         self.loop = loop
         self.rundir = rundir
         self.memory = memory
@@ -66,9 +95,17 @@ class Supervisor:
         self.devices: dict[str, ManagedDevice] = {}
         self._restart_tasks: dict[str, asyncio.Task] = {}
         self._stopping = False
-        self.msi = None  # callable(address, data), set once MSI routing exists
         self.pci = pci  # vmmd.pci.bus.PciBus: where PCI functions are registered
         self.fast_path = fast_path  # False: --bus-mode bus-only (no irqfds/ioeventfds)
+        self._jail = JailSetup(sandbox, cgroup_limits or {}, device_ids)
+        self.crash_limit = crash_limit
+        # Supervision's own threads: API calls to a hung device (default
+        # executor) cannot hold up a spawn, kill, restore or heartbeat.
+        self.workers = ThreadPoolExecutor(SUPERVISION_WORKERS, thread_name_prefix="supervise")
+        self._heartbeats: dict[str, asyncio.Task] = {}
+
+    def _work(self, fn, *args):
+        return self.loop.run_in_executor(self.workers, fn, *args)
 
     # -- spawning ----------------------------------------------------------------
     def add(self, spec: DeviceSpec) -> ManagedDevice:
@@ -87,10 +124,12 @@ class Supervisor:
         return dev
 
     async def start(self, dev: ManagedDevice) -> None:
-        inc, hello = await self.loop.run_in_executor(None, self._spawn_blocking, dev)
+        inc, hello = await self._work(self._spawn_blocking, dev)
         self._attach(dev, inc, hello)
         if dev.spec.pci is not None and self.pci is not None:
-            await self.loop.run_in_executor(None, self._attach_pci, dev)
+            await self._work(self._attach_pci, dev)
+        if dev.spec.id not in self._heartbeats:
+            self._heartbeats[dev.spec.id] = self.loop.create_task(self._heartbeat(dev))
 
     def _attach_pci(self, dev: ManagedDevice) -> None:
         """First incarnation: put the function on the bus. Later ones: their
@@ -160,23 +199,33 @@ class Supervisor:
         if dev.dirty_log is not None:
             boot["fds"]["dirty_log"] = dev.dirty_log.fd
             pass_fds.append(dev.dirty_log.fd)
+        jail = self._jail.prepare(spec, gen, self.memory.size if spec.needs_memory and self.memory else 0)
+        boot.update(jail.bootstrap)
+        pass_fds.extend(jail.pass_fds)
         cmd = self.command(spec, boot)
         try:
             proc = subprocess.Popen(
                 cmd, pass_fds=pass_fds,
                 stdin=None if spec.stdio else subprocess.DEVNULL,
-                stdout=None if spec.stdio else sys.stderr.fileno(),
+                stdout=None if spec.stdio else jail.log_w,
+                stderr=jail.log_w,
                 close_fds=True)
         except OSError as exc:
             for fd in (status_r, status_w, life_r, life_w):
                 os.close(fd)
+            jail.spawned()
+            jail.release()
             channel.close()
             raise SpawnError(f"cannot start device {spec.id}: {exc}") from exc
         os.close(status_w)
         os.close(life_r)
+        jail.spawned()  # our copies of what only the launcher needs
 
         try:
             pid = self._read_pid(status_r, proc)
+        except SpawnError:
+            jail.release()
+            raise
         finally:
             os.close(status_r)
         if pid != proc.pid:
@@ -185,6 +234,8 @@ class Supervisor:
             proc.returncode = 0  # no launcher (sandbox off): we reap it via its pidfd
         pidfd = os.pidfd_open(pid)
         inc = Incarnation(gen, pid, pidfd, channel, lifeline=life_w)
+        self._jail.track(inc, jail)
+        channel.on_refusal = dev.refuse
         try:
             hello = channel.handshake(SPAWN_TIMEOUT, pidfd, validate=lambda h: self.validate_hello(dev, h))
         except Exception as exc:
@@ -232,8 +283,8 @@ class Supervisor:
                 self.iospace.add(r, dev, dev.spec.id)
             dev.ranges = ranges
         dev.generation = inc.generation
-        dev.current = inc
-        dev.state = "running"
+        dev.set_current(inc, "running")
+        self._jail.read_logs(self.loop, dev, inc)
         sock = inc.channel.evt_socket
         self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain_events, dev, inc)
         self.loop.add_reader(inc.pidfd, self._on_exit, dev, inc)
@@ -244,8 +295,10 @@ class Supervisor:
     # -- events from devices ---------------------------------------------------
     def _drain_events(self, dev: ManagedDevice, inc: Incarnation) -> None:
         sock = inc.channel.evt_socket
+        if dev.current is not inc:
+            return  # a call_soon that outlived its incarnation
         # The zmq FD is edge-triggered: read until EVENTS says nothing is left.
-        for _ in range(10000):
+        for _ in range(EVENT_BATCH):
             try:
                 if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     return
@@ -254,43 +307,68 @@ class Supervisor:
                 return
             except zmq.ZMQError:
                 return  # socket closed under us by a restart
+            if len(frame) > dev.spec.max_state and protocol.frame_type(frame) == MsgType.CHECKPOINT:
+                dev.refuse("state_size", "a checkpoint of %d bytes (limit %d)", len(frame), dev.spec.max_state)
+                continue
             try:
                 msg = inc.channel.decode_event(frame)
             except protocol.ProtocolError as exc:
-                log.warning("device %s sent a bad event: %s", dev.spec.id, exc)
+                dev.refuse("malformed", "a bad event: %s", exc)
                 continue
             self._handle_event(dev, msg)
         # Still more: come back on the next loop iteration instead of starving it.
         self.loop.call_soon(self._drain_events, dev, inc)
 
     def _handle_event(self, dev: ManagedDevice, msg) -> None:
-        if isinstance(msg, protocol.IrqLine):
-            if msg.gsi not in dev.spec.allowed_gsis:
-                log.warning("device %s raised GSI %d it does not own", dev.spec.id, msg.gsi)
-                return
-            self.irq_line(msg.gsi, msg.level)
-        elif isinstance(msg, protocol.Msi):
-            if self.msi is None:
-                log.warning("device %s sent an MSI but MSI is not routed", dev.spec.id)
-                return
-            self.msi(msg.address, msg.data)
-        elif isinstance(msg, protocol.Vector):
-            f = getattr(dev, "pci_function", None)
-            if f is None or f.msix is None:
-                log.warning("device %s fired vector %d but has no MSI-X", dev.spec.id, msg.vector)
+        """Authorise one event against what `dev` owns (vmmd/authority.py), then act."""
+        t = type(msg)
+        if t is protocol.Vector:
+            f = dev.pci_function
+            if f is None or f.msix is None or not 0 <= msg.vector < f.msix.vectors:
+                dev.refuse("vector", "vector %d is not one of its MSI-X vectors (%d)", msg.vector,
+                           0 if f is None or f.msix is None else f.msix.vectors)
                 return
             f.fire_vector(msg.vector)
-        elif isinstance(msg, protocol.Checkpoint):
+        elif t is protocol.IrqLine:
+            if msg.gsi not in dev.spec.allowed_gsis:
+                dev.refuse("irq_line", "GSI %d is not its interrupt line", msg.gsi)
+                return
+            self.irq_line(msg.gsi, msg.level)
+        elif t is protocol.Msi:
+            # vmmd builds every MSI from its own MSI-X table (VECTOR); a raw
+            # address/data pair could carry INIT, SMI or NMI, or hit any vCPU.
+            dev.refuse("msi", "a raw MSI %#x/%#x (devices fire their MSI-X vectors by index)",
+                       msg.address, msg.data)
+        elif t is protocol.Checkpoint:
             dev.last_checkpoint = msg.state
-        elif isinstance(msg, protocol.Request):
+        elif t is protocol.Request:
+            why = self._request_refusal(dev, msg.what)
+            if why:
+                dev.refuse("request", "%s request: %s", msg.what, why)
+                return
             self.on_request(dev, msg.what, msg.args)
-        elif isinstance(msg, protocol.Log):
+        elif t is protocol.Log:
             level = msg.level if msg.level in (10, 20, 30, 40, 50) else logging.INFO
-            log.log(level, "[%s] %s", dev.spec.id, msg.text)
-        elif isinstance(msg, protocol.Error):
-            log.error("[%s] error %d: %s", dev.spec.id, msg.code, msg.text)
+            self._jail.limiter(dev.spec.id).emit(level, msg.text)
+        elif t is protocol.Error:
+            self._jail.limiter(dev.spec.id).emit(logging.ERROR, f"error {msg.code}: {msg.text}")
         else:
-            log.warning("device %s sent %s on its event channel", dev.spec.id, type(msg).__name__)
+            dev.refuse("unexpected", "%s on its event channel", t.__name__)
+
+    @staticmethod
+    def _request_refusal(dev: ManagedDevice, what: str) -> str:
+        """Why a VM-level request from `dev` is refused ("" to honour it)."""
+        if what == "reset":
+            if dev.reset_watch is None:
+                return f"a {dev.spec.kind} device owns no reset port"
+            if not dev.reset_watch.take_permit():
+                return "the guest wrote no reset command to a reset port"
+            return ""
+        if what == "quit":
+            if not dev.spec.stdio:
+                return "no console of this device is attached to vmmd's stdio"
+            return ""
+        return "unknown request"
 
     # -- exits and restarts --------------------------------------------------
     def _detach(self, inc: Incarnation) -> None:
@@ -306,13 +384,13 @@ class Supervisor:
     def _on_exit(self, dev: ManagedDevice, inc: Incarnation) -> None:
         self._detach(inc)
         status = self._reap(inc.pid)
+        self._jail.release(inc)
         if dev.current is inc:
-            dev.current = None
             dev.last_exit = status
             if self._stopping or dev.state == "stopped":
-                dev.state = "stopped"
+                dev.set_current(None, "stopped")
             else:
-                dev.state = "crashed"
+                dev.set_current(None, "crashed")
                 log.error("device %s (pid %d) exited: %s", dev.spec.id, inc.pid, status)
                 self._schedule_restart(dev, time.monotonic() - inc.started)
         close_incarnation(inc)
@@ -342,6 +420,15 @@ class Supervisor:
                 pass
 
     def _schedule_restart(self, dev: ManagedDevice, ran_for: float) -> None:
+        now = time.monotonic()
+        limit, window = self.crash_limit
+        dev.crash_times = [t for t in dev.crash_times if now - t < window] + [now]
+        if len(dev.crash_times) > limit:
+            dev.state = "failed"
+            log.error("device %s crashed %d times within %gs: marked failed, not restarted "
+                      "(its accesses read all-ones; device.restart revives it)",
+                      dev.spec.id, len(dev.crash_times), window)
+            return
         if ran_for > STABLE_AFTER:
             dev.failures = 0
         delay = BACKOFF_DELAYS[min(dev.failures, len(BACKOFF_DELAYS) - 1)]
@@ -351,7 +438,7 @@ class Supervisor:
 
     async def _restart_after(self, dev: ManagedDevice, delay: float) -> None:
         await asyncio.sleep(delay)
-        if self._stopping:
+        if self._stopping or dev.state != "crashed":
             return
         dev.state = "restarting"
         try:
@@ -364,6 +451,42 @@ class Supervisor:
         dev.restarts += 1
         log.info("device %s restarted (restart #%d)", dev.spec.id, dev.restarts)
 
+    # -- liveness ------------------------------------------------------------------
+    async def _heartbeat(self, dev: ManagedDevice) -> None:
+        """Every timeout/4, a CONTROL stats the device's serve loop must answer
+        within the rest of the timeout: a hang is noticed within --device-timeout
+        even on a device only the fast path (ioeventfd/irqfd) uses."""
+        period = self.timeout / 4
+        while not self._stopping:
+            await asyncio.sleep(period)
+            inc = dev.current
+            if inc is None or dev.state != "running":
+                continue
+            try:
+                stats = await self._work(self._ping, dev, inc, self.timeout - period)
+            except Exception as exc:  # never let the loop die
+                log.error("device %s: heartbeat failed: %s", dev.spec.id, exc)
+                continue
+            if stats is not None and dev.current is inc:
+                dev.stats_cache, dev.stats_at = stats, time.monotonic()
+                dev.heartbeats += 1
+
+    @staticmethod
+    def _ping(dev: ManagedDevice, inc: Incarnation, timeout: float):
+        try:
+            result = inc.channel.control("stats", {}, timeout, inc.pidfd)
+        except bus_endpoint.DeviceTimeout:
+            dev._failed(inc, f"no heartbeat reply within {timeout:.2f}s")
+            return None
+        except bus_endpoint.DeviceControlError as exc:
+            return {"error": str(exc)}  # alive, but its stats failed
+        except protocol.ProtocolError as exc:
+            dev._failed(inc, f"bad reply: {exc}")  # as a vCPU's read would
+            return None
+        except bus_endpoint.ChannelError:
+            return None  # gone: the exit is handled by the pidfd watch
+        return result if type(result) is dict else {"stats": result}
+
     async def restart(self, dev: ManagedDevice) -> None:
         """Operator restart: save the device's state, replace its process, restore.
 
@@ -372,20 +495,28 @@ class Supervisor:
         task = self._restart_tasks.pop(dev.spec.id, None)
         if task:
             task.cancel()
+        dev.crash_times = []  # an operator's restart revives a failed device
+        dev.failures = 0
         inc = dev.current
         if inc is not None and dev.state == "running":
             try:
-                dev.last_checkpoint = await self.loop.run_in_executor(None, dev.control, "save")
+                dev.last_checkpoint = await self._work(dev.control, "save")
             except Exception as exc:
                 log.warning("device %s: no state saved before restart (%s); using its last checkpoint",
                             dev.spec.id, exc)
         if inc is not None:
-            dev.state = "restarting"
-            dev.current = None
+            dev.set_current(None, "restarting")
             self._detach(inc)
-            await self.loop.run_in_executor(None, self._kill_and_reap, inc)
+            await self._work(self._kill_and_reap, inc)
             close_incarnation(inc)
-        await self.start(dev)
+        else:
+            dev.state = "restarting"
+        try:
+            await self.start(dev)
+        except SpawnError:
+            dev.state = "crashed"
+            self._schedule_restart(dev, 0.0)
+            raise
         dev.restarts += 1
 
     def _kill_and_reap(self, inc: Incarnation) -> None:
@@ -394,10 +525,15 @@ class Supervisor:
         except ProcessLookupError:
             pass
         self._reap(inc.pid)
+        self._jail.release(inc)
+
+    def log_stats(self, device_id: str) -> dict:
+        """Lines relayed and dropped from a device's stdout/stderr and LOG events."""
+        return self._jail.limiter(device_id).stats()
 
     async def stop_all(self) -> None:
         self._stopping = True
-        for task in self._restart_tasks.values():
+        for task in [*self._restart_tasks.values(), *self._heartbeats.values()]:
             task.cancel()
         for dev in self.devices.values():
             inc = dev.current
@@ -405,15 +541,17 @@ class Supervisor:
             if inc is None:
                 continue
             try:
-                await self.loop.run_in_executor(None, lambda: inc.channel.control("shutdown", {}, 1.0, inc.pidfd))
+                await self._work(lambda: inc.channel.control("shutdown", {}, 1.0, inc.pidfd))
             except Exception:
                 pass
             self._detach(inc)
-            await self.loop.run_in_executor(None, self._kill_and_reap, inc)
-            dev.current = None
+            await self._work(self._kill_and_reap, inc)
+            dev.set_current(None, "stopped")
             close_incarnation(inc)
 
     def close(self) -> None:
         """Release what the devices kept across incarnations (after stop_all)."""
         for dev in self.devices.values():
             dev.close_fds()
+        self._jail.close()
+        self.workers.shutdown(wait=False, cancel_futures=True)

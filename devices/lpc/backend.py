@@ -29,6 +29,8 @@ import socket
 import stat
 from typing import Callable
 
+from devopts.console import parse_spec  # the spec grammar, shared with vmmd's check
+
 OUTPUT_BUFFER = 64 * 1024  # pending output per consumer before dropping
 REPLAY_SIZE = 64 * 1024
 READ_CHUNK = 4096
@@ -193,7 +195,7 @@ class FileBackend(Backend):
     def __init__(self, path: str):
         super().__init__()
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise ValueError(f"console file {path!r}: {e.strerror}") from None
 
@@ -400,23 +402,6 @@ class SocketBackend(Backend):
             os.unlink(self.path)
         except OSError:
             pass  # inside the sandbox the path is out of reach; the next run unlinks it
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """"kind" or "kind,PATH" -> (kind, path); ValueError on anything else."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"console backend spec must be a non-empty string, got {spec!r}")
-    kind, sep, arg = spec.partition(",")
-    if kind in ("null", "stdio"):
-        if sep:
-            raise ValueError(f"console backend {kind!r} takes no argument: {spec!r}")
-        return kind, None
-    if kind in ("file", "socket"):
-        if not arg:
-            raise ValueError(f"console backend {kind!r} needs a path: '{kind},PATH'")
-        return kind, arg
-    raise ValueError(
-        f"unknown console backend {spec!r}: expected null, stdio, file,PATH or socket,PATH")
 
 
 def make_backend(spec: str, *, on_quit: Callable[[], None] | None = None,

@@ -76,6 +76,9 @@ class SerialPort:
             self.backend.resume_reading()
 
 
+CONSOLE_FILE_LIMIT = 1 << 30  # a console log is capped at 1 GiB
+
+
 class LpcDevice(DeviceModel):
     KIND = "lpc"
     STATE_VERSION = STATE_VERSION
@@ -244,6 +247,13 @@ class LpcDevice(DeviceModel):
         out["rtc"] = {"nmi_masked": self.rtc.nmi_masked, "offset_us": self.rtc.offset_us}
         out["post_code"] = self.legacy.latches[legacydef.POST]
         return out
+
+    def file_size_limit(self) -> int:
+        """RLIMIT_FSIZE in the jail: a file console appends to its file, and
+        a stdio console may be a file vmmd's stdout was redirected to;
+        otherwise the device writes no regular file."""
+        kinds = {port.backend.kind for port in self.ports.values()}
+        return CONSOLE_FILE_LIMIT if kinds & {"file", "stdio"} else 0
 
     def close(self) -> None:
         for port in getattr(self, "ports", {}).values():

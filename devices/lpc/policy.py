@@ -6,15 +6,25 @@ before the jail), and plain read/write on fds for a terminal or file
 backend. vmmd puts the terminal in raw mode; the device never issues
 termios ioctls beyond the TCGETS isatty() probe the base policy allows.
 A file backend appends console output to a file opened before the jail,
-so RLIMIT_FSIZE must allow writes: console logs are capped at 1 GiB.
+so RLIMIT_FSIZE must allow writes: console logs are capped at 1 GiB. The
+policy's limit is that cap; the runtime lowers it to 0 when no console is a
+file or stdio (LpcDevice.file_size_limit).
+
+Cgroup: no guest memory at all; a Python process with zmq and uvloop is
+~40 MiB resident.
 """
 
+from sandbox.cgroups import CgroupLimits
 from sandbox.seccomp_policy import base_policy
 
-CONSOLE_FILE_LIMIT = 1 << 30
+from devices.lpc.model import CONSOLE_FILE_LIMIT
+
+MiB = 1 << 20
 
 POLICY = base_policy().extend(
     "lpc",
     allow={"accept4"},
     file_size_limit=CONSOLE_FILE_LIMIT,
 )
+
+CGROUP_LIMITS = CgroupLimits(memory_max=128 * MiB, pids_max=32)

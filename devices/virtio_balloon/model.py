@@ -77,7 +77,8 @@ INFLATE, DEFLATE, STATS, REPORTING = "inflate", "deflate", "stats", "reporting"
 CONFIG = struct.Struct("<IIII")   # num_pages, actual, free_page_hint_cmd_id, poison_val
 OFF_NUM_PAGES, OFF_ACTUAL, OFF_CMD_ID, OFF_POISON = 0, 4, 8, 12
 
-DEFAULT_STATS_INTERVAL = 5.0
+from devopts import virtio_balloon as balloonopts  # noqa: E402
+from devopts.virtio_balloon import DEFAULT_STATS_INTERVAL  # noqa: E402
 DEFAULT_QUEUE_SIZE = 256
 MAX_PFN_BYTES = 1 << 20      # per chain: 256 Ki page numbers (Linux sends at most 256)
 MAX_STATS_BYTES = 4096
@@ -85,40 +86,10 @@ MAX_STATS_BYTES = 4096
 
 def parse_options(options: dict) -> dict:
     """options["args"] -> {stats_interval, deflate_on_oom, reporting, must_tell_host,
-    queue_size}, or ValueError."""
+    queue_size}, or ValueError (devopts.virtio_balloon, shared with vmmd's check)."""
     if not isinstance(options, dict):
         raise ValueError("virtio-balloon: options must be a map")
-    args = options.get("args") or []
-    if not isinstance(args, (list, tuple)) or any(type(a) is not str for a in args):
-        raise ValueError("virtio-balloon: args must be a list of strings")
-    out = {"stats_interval": DEFAULT_STATS_INTERVAL, "deflate_on_oom": True, "reporting": True,
-           "must_tell_host": False, "queue_size": DEFAULT_QUEUE_SIZE}
-    usage = "(stats_interval=S, deflate_on_oom=on|off, reporting=on|off, must_tell_host=on|off, queue_size=N)"
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if not eq:
-            raise ValueError(f"virtio-balloon: unknown option {arg!r} {usage}")
-        if key == "stats_interval":
-            try:
-                out[key] = bstate.check_interval(float(value))
-            except ValueError:
-                raise ValueError(f"virtio-balloon: stats_interval={value!r}: want seconds in "
-                                 f"0..{bstate.MAX_INTERVAL:g}") from None
-        elif key in ("deflate_on_oom", "reporting", "must_tell_host"):
-            if value not in ("on", "off"):
-                raise ValueError(f"virtio-balloon: {key}={value!r}: want on or off")
-            out[key] = value == "on"
-        elif key == "queue_size":
-            try:
-                v = int(value, 0)
-            except ValueError:
-                v = 0
-            if not 4 <= v <= 1024 or v & (v - 1):
-                raise ValueError(f"virtio-balloon: queue_size={value!r}: want a power of 2 in 4..1024")
-            out[key] = v
-        else:
-            raise ValueError(f"virtio-balloon: unknown option {arg!r} {usage}")
-    return out
+    return balloonopts.parse(options.get("args") or [])
 
 
 def queue_roles(features: int) -> dict[int, str]:

@@ -6,6 +6,12 @@ writes no regular files (RLIMIT_FSIZE stays 0: fallocate with KEEP_SIZE
 never extends the file).
 """
 
+from sandbox.cgroups import CgroupLimits
 from sandbox.seccomp_policy import base_policy
 
 POLICY = base_policy().extend("virtio_balloon", allow={"fallocate"})
+
+# Cgroup: the process itself (~40-60 MiB resident) plus the guest pages it
+# is the first to touch (DMA into pages the guest never wrote is charged
+# to the device), hence plus the guest's RAM.
+CGROUP_LIMITS = CgroupLimits(memory_max=128 << 20, pids_max=32, plus_guest_memory=True)

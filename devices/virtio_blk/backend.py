@@ -44,7 +44,7 @@ from devices.virtio_blk.request import S_IOERR, S_OK, SECTOR_SHIFT, SECTOR_SIZE
 
 log = logging.getLogger("devices.virtio_blk")
 
-CACHE_MODES = ("writeback", "direct", "unsafe")
+from devopts.virtio_blk import CACHE_MODES  # noqa: E402  (one list, shared with vmmd's check)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

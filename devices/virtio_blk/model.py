@@ -31,14 +31,15 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
 
 from devices.virtio.device import VirtioDevice
 from devices.virtio.queue import ChainError
 from devices.virtio_blk import request as rq
 from devices.virtio_blk import state as blkstate
 from devices.virtio_blk.backend import CACHE_MODES, BlockBackend
-from devices.virtio_blk.qcow2_backend import FORMATS, open_backend
+from devices.virtio_blk.qcow2_backend import FORMATS, open_backend  # noqa: F401
+from devopts import virtio_blk as blkopts
+from devopts.virtio_blk import BlkOptions
 
 log = logging.getLogger("devices.virtio_blk")
 
@@ -57,10 +58,8 @@ F_MQ = 12
 F_DISCARD = 13
 F_WRITE_ZEROES = 14
 
-MAX_QUEUES = 64
-DEFAULT_QUEUE_SIZE = 256
-MIN_QUEUE_SIZE = 4
-MAX_QUEUE_SIZE = 32768
+from devopts.virtio_blk import (  # noqa: E402  (the option limits live with the parser)
+    DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, MAX_QUEUES, MIN_QUEUE_SIZE)
 SIZE_MAX = 1 << 20              # bytes per data segment we accept and advertise
 MAX_SEG_MAX = 1024 - 2          # IOV_MAX minus header and status
 MAX_DISCARD_SECTORS = 1 << 22   # 2 GiB per range
@@ -73,73 +72,12 @@ CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
 CONFIG_SIZE = CONFIG.size  # 60
 
 
-@dataclass(frozen=True)
-class BlkOptions:
-    path: str
-    read_only: bool = False
-    cache: str = "writeback"
-    serial: bytes = b""
-    num_queues: int = 1
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    image_format: str | None = None
-
-
-def _int_option(key: str, text: str, lo: int, hi: int) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise ValueError(f"virtio-blk: {key}={text!r} is not an integer") from None
-    if not lo <= v <= hi:
-        raise ValueError(f"virtio-blk: {key}={v} is outside {lo}..{hi}")
-    return v
-
-
 def parse_options(options: dict) -> BlkOptions:
-    """options["args"] (the slot's arguments) -> BlkOptions, or ValueError."""
+    """options["args"] (the slot's arguments) -> BlkOptions, or ValueError (devopts.virtio_blk,
+    the same parser vmmd checks the command line with)."""
     if not isinstance(options, dict):
         raise ValueError(f"virtio-blk: options must be a map, got {type(options).__name__}")
-    args = options.get("args")
-    if not isinstance(args, (list, tuple)) or not args or any(type(a) is not str for a in args):
-        raise ValueError("virtio-blk: needs a disk image path: -s SLOT,virtio-blk,PATH[,OPTIONS]")
-    path, rest = args[0], args[1:]
-    if not path or "=" in path and path.split("=", 1)[0] in ("cache", "serial", "ser"):
-        raise ValueError(f"virtio-blk: the first argument must be the disk image path, not {path!r}")
-    kw: dict = {}
-    for arg in rest:
-        key, eq, value = arg.partition("=")
-        if not eq:
-            if arg == "ro":
-                kw["read_only"] = True
-            elif arg == "nocache":
-                kw["cache"] = "direct"
-            else:
-                raise ValueError(f"virtio-blk: unknown option {arg!r} "
-                                 "(ro, nocache, cache=, serial=, format=, num_queues=, queue_size=)")
-        elif key == "cache":
-            if value not in CACHE_MODES:
-                raise ValueError(f"virtio-blk: cache={value!r}: expected one of {', '.join(CACHE_MODES)}")
-            kw["cache"] = value
-        elif key in ("serial", "ser"):
-            raw = value.encode("ascii", "replace")
-            if len(raw) > rq.ID_BYTES or not all(0x20 <= c < 0x7F for c in raw):
-                raise ValueError(f"virtio-blk: serial {value!r} must be at most {rq.ID_BYTES} "
-                                 "printable ASCII characters")
-            kw["serial"] = raw
-        elif key == "format":
-            if value not in FORMATS:
-                raise ValueError(f"virtio-blk: format={value!r}: expected one of {', '.join(FORMATS)}")
-            kw["image_format"] = value
-        elif key == "num_queues":
-            kw["num_queues"] = _int_option(key, value, 1, MAX_QUEUES)
-        elif key == "queue_size":
-            v = _int_option(key, value, MIN_QUEUE_SIZE, MAX_QUEUE_SIZE)
-            if v & (v - 1):
-                raise ValueError(f"virtio-blk: queue_size={v} is not a power of 2")
-            kw["queue_size"] = v
-        else:
-            raise ValueError(f"virtio-blk: unknown option {arg!r} "
-                             "(ro, nocache, cache=, serial=, format=, num_queues=, queue_size=)")
-    return BlkOptions(path, **kw)
+    return blkopts.parse(options.get("args"))
 
 
 def seg_max_for(queue_size: int) -> int:
@@ -487,6 +425,21 @@ class VirtioBlkDevice(VirtioDevice):
                       "backend_errors": self.backend.errors,
                       "total": self.core.totals(), "per_queue": [dict(s) for s in self.core.stats]}
         return out
+
+    def file_size_limit(self) -> int | None:
+        """RLIMIT_FSIZE in the jail: every request is checked against the
+        capacity and fallocate keeps the size, so a raw image is never
+        extended; anything past its end is refused (EFBIG). A qcow2 image
+        (and a checkpoint overlay switched to later) grows as clusters are
+        allocated, by an amount its format does not bound tightly: None keeps
+        the policy's limit. A backend may say with its own file_size_limit().
+        Block devices are not subject to the limit."""
+        own = getattr(self.backend, "file_size_limit", None)
+        if callable(own):
+            return own()
+        if getattr(self.backend, "image_format", "raw") != "raw":
+            return None
+        return self.backend.size
 
     def close(self) -> None:
         try:

@@ -22,15 +22,17 @@ socket vmmd handed over at bootstrap; zstandard is imported before the jail.
 
 RLIMIT_FSIZE: a raw image is written in place and never extended
 (every request is checked against the capacity, fallocate keeps the size);
-a qcow2 image grows as clusters are allocated. Either may be as large as any
-file, so the limit is effectively off (1 << 62 bytes).
+a qcow2 image grows as clusters are allocated. The policy's limit is
+effectively off (1 << 62 bytes); at jail time the runtime lowers it to the
+image size for a raw image (VirtioBlkDevice.file_size_limit).
 """
 
+from sandbox.cgroups import CgroupLimits
 from sandbox.seccomp_policy import EQ, ArgRule, base_policy
 
 from devices.virtio_blk.backend import BLKDISCARD
 
-IMAGE_FILE_LIMIT = 1 << 62
+IMAGE_FILE_LIMIT = 1 << 62  # lowered to the image size at jail time (model.file_size_limit)
 
 POLICY = base_policy().extend(
     "virtio_blk",
@@ -38,3 +40,8 @@ POLICY = base_policy().extend(
     conditional=(ArgRule("ioctl", ((1, EQ, BLKDISCARD, 0),)),),
     file_size_limit=IMAGE_FILE_LIMIT,
 )
+
+# Cgroup: the process itself (~40-60 MiB resident) plus the guest pages it
+# is the first to touch (DMA into pages the guest never wrote is charged
+# to the device), hence plus the guest's RAM.
+CGROUP_LIMITS = CgroupLimits(memory_max=256 << 20, pids_max=32, plus_guest_memory=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from devopts.virtio_net import parse_mac  # noqa: F401  (re-exported: frames' users parse MACs here)
+
 # --- feature bits (5.1.3) ----------------------------------------------------------
 F_CSUM = 0
 F_GUEST_CSUM = 1
@@ -185,19 +187,6 @@ def validate(hdr: NetHdr, frame_len: int, *, csum: bool, tso4: bool, tso6: bool,
 BROADCAST = b"\xff" * 6
 
 
-def parse_mac(text: str) -> bytes:
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"MAC address {text!r} is not xx:xx:xx:xx:xx:xx")
-    try:
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"MAC address {text!r} is not hexadecimal") from None
-    if mac[0] & 1:
-        raise ValueError(f"MAC address {text!r} is a multicast address")
-    return mac
-
-
 def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
@@ -223,6 +212,8 @@ class RxFilter:
 
     def accepts(self, frame, mac: bytes) -> bool:
         dst = bytes(frame[:6])
+        if len(dst) < 6:   # not even a destination address (fuzzing found the IndexError)
+            return False
         if self.promisc:
             return True
         if dst == BROADCAST:

@@ -46,6 +46,7 @@ from devices.virtio.device import VirtioDevice
 from devices.virtio.queue import ChainError
 from devices.virtio_net import frames as fr
 from devices.virtio_net import state as netstate
+from devopts.virtio_net import NetOptions  # the slot options, shared with vmmd's check
 from devices.virtio_net.backend import (
     TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Backend, make_backend)
 
@@ -89,42 +90,6 @@ def push_used_batch(queue, elems: list[tuple[int, int]]) -> None:
     _U16.pack_into(used, 2, idx)   # elements before the index (x86 TSO)
     if queue._mark is not None:
         queue._mark(queue.used_gpa, queue._used_size)
-
-
-class NetOptions:
-    def __init__(self, options: dict):
-        if not isinstance(options, dict):
-            raise ValueError("virtio-net: options must be a map")
-        args = options.get("args") or []
-        if not isinstance(args, (list, tuple)) or any(type(a) is not str for a in args):
-            raise ValueError("virtio-net: args must be a list of strings")
-        self.backend = None
-        self.mac = fr.parse_mac(options.get("mac") or "52:54:00:12:34:56")
-        self.queue_size = DEFAULT_QUEUE_SIZE
-        self.mrg_rxbuf = True
-        self.offload = True
-        self.link_up = True
-        for arg in args:
-            key, eq, value = arg.partition("=")
-            if key in ("tap", "socket") and eq and value:
-                self.backend = key
-            elif key == "mac" and eq:
-                self.mac = fr.parse_mac(value)
-            elif key == "queue_size" and eq:
-                try:
-                    v = int(value, 0)
-                except ValueError:
-                    raise ValueError(f"virtio-net: queue_size={value!r}") from None
-                if not 16 <= v <= 4096 or v & (v - 1):
-                    raise ValueError(f"virtio-net: queue_size={v} is not a power of 2 in 16..4096")
-                self.queue_size = v
-            elif key in ("mrg_rxbuf", "offload") and value in ("on", "off"):
-                setattr(self, key, value == "on")
-            elif key == "link" and value in ("up", "down"):
-                self.link_up = value == "up"
-            else:
-                raise ValueError(f"virtio-net: unknown option {arg!r} (tap=, socket=, mac=, "
-                                 "queue_size=, mrg_rxbuf=on|off, offload=on|off, link=up|down)")
 
 
 class VirtioNetDevice(VirtioDevice):

@@ -103,8 +103,42 @@ def switch(e2e_dir):
     proc.wait(10)
 
 
+BOOT_MARKERS = (("first console byte", None), ("/init started", "vmmd-guest: init started"),
+                ("shell ready", "vmmd-guest: ready"))
+BOOT_TIMES: list[str] = []  # reported at the end of the session (BENCHMARKS.md "Lab")
+
+
+def _boot_report(name: str, vm: VmmdProcess, t0: float, seen: dict) -> None:
+    parts = [f"{k} {v:.1f} s" for k, v in seen.items()]
+    try:
+        exits: dict[str, int] = {}
+        for v in vm.rpc("debug.vcpus", timeout=120):
+            for k, n in v["exits"].items():
+                exits[k] = exits.get(k, 0) + n
+        top = sorted(exits.items(), key=lambda kv: -kv[1])[:6]
+        parts.append("exits " + ", ".join(f"{k} {n}" for k, n in top))
+    except Exception as e:  # the report must not fail the boot
+        parts.append(f"(no exit counters: {e})")
+    BOOT_TIMES.append(f"{name}: vmmd start -> " + "; ".join(parts))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in BOOT_TIMES:
+        terminalreporter.write_line(f"e2e boot: {line}")
+
+
+def _watch_boot(vm: VmmdProcess, t0: float, seen: dict, stop) -> None:
+    import time as _t
+    while not stop.is_set() and len(seen) < len(BOOT_MARKERS):
+        out = vm.output()
+        for name, text in BOOT_MARKERS:
+            if name not in seen and (out if text is None else text in out):
+                seen[name] = _t.monotonic() - t0
+        stop.wait(0.2)
+
+
 def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
-         cmdline_extra: str = "quiet") -> tuple[VmmdProcess, GuestAgent]:
+         cmdline_extra: str = "quiet", name: str = "guest") -> tuple[VmmdProcess, GuestAgent]:
     com2 = tmp / "com2.sock"
     vm = VmmdProcess(tmp, [
         "-s", "31,lpc", "-l", f"com2,socket,{com2}", "--device-timeout", "30",
@@ -112,8 +146,14 @@ def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
         "--kernel", guest["kernel"], "--initrd", guest["initrd"],
         "--cmdline", f"{guest['cmdline']} {cmdline_extra}".strip(),
     ], netns=netns, com1="socket")
+    import threading
+    import time as _t
+    t0 = _t.monotonic()
     vm.wait_api(timeout=600)  # Python start-up alone takes tens of seconds in the lab
     vm.attach_console()
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+    threading.Thread(target=_watch_boot, args=(vm, t0, seen, stop), daemon=True).start()
     agent = GuestAgent(str(com2))
     agent.connect(60)
     try:
@@ -122,6 +162,10 @@ def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
         vm.stop()
         raise AssertionError(f"the guest agent never answered.\nconsole tail: "
                              f"{vm.output()[-3000:]}\nvmmd stderr: {vm.stderr()[-3000:]}")
+    finally:
+        stop.set()
+    seen["agent answering"] = _t.monotonic() - t0
+    _boot_report(f"{name} ({cmdline_extra or 'full log'})", vm, t0, seen)
     return vm, agent
 
 
@@ -162,7 +206,7 @@ def linux(default_guest, e2e_dir, data_disk, ro_disk, qcow_disk, switch):
             "-s", f"5,virtio-net,socket={switch}",
             "-s", "6,virtio-balloon",
             "-s", f"7,virtio-blk,{qcow_disk},format=qcow2,serial=qcow",
-        ], default_guest, netns=ns.name)
+        ], default_guest, netns=ns.name, name="main guest, 2 vCPUs, 6 PCI devices")
     except BaseException:
         ns.delete()
         raise
@@ -180,7 +224,7 @@ def peer(default_guest, e2e_dir, switch):
     tmp = e2e_dir / "peer"
     tmp.mkdir()
     vm, agent = boot(tmp, ["-c", "1", "-m", "256M", "-s", f"5,virtio-net,socket={switch}",
-                           "--no-reboot"], default_guest)
+                           "--no-reboot"], default_guest, name="peer guest, 1 vCPU")
     yield vm, agent
     agent.close()
     vm.stop()

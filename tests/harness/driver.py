@@ -105,7 +105,6 @@ class Harness:
         self._thread = threading.Thread(target=self._run_loop, name="harness-loop", daemon=True)
         self._thread.start()
         self.supervisor = self.call(self._make_supervisor, timeout)
-        self.supervisor.msi = self.vm.signal_msi
         self._closed = False
 
     def _run_loop(self) -> None:

@@ -7,7 +7,12 @@ Registers (PIO 0x500..0x50f), by offset:
   5  r    bit0 started, bit1 quiesced
   6  w    latch the u32 at guest-physical `value`; r: the latched value
   7  w    MSI with data `value`
+Device ops (CONTROL "device"): "stderr" {"bytes", "line"} writes that many
+bytes of `line` repeated to fd 2 (a flooding or forging device); "log_events"
+{"n", "text"} sends n LOG events.
 """
+
+import os
 
 from bus.types import IoRange, IoSpace
 from devices.model import DeviceModel
@@ -83,3 +88,16 @@ class FakeDevice(DeviceModel):
 
     def stats(self):
         return {"reg": self.reg}
+
+    def device_control(self, op, args):
+        if op == "log_events":
+            for i in range(args["n"]):
+                self.host.log(40, f"{i} {args['text']}")
+            return args["n"]
+        if op != "stderr":
+            return super().device_control(op, args)
+        chunk = args["line"].encode(errors="surrogateescape") * max(1, 65536 // max(1, len(args["line"])))
+        written = 0
+        while written < args["bytes"]:
+            written += os.write(2, chunk[:args["bytes"] - written])
+        return written

@@ -164,6 +164,20 @@ def device(mode: str, endpoint: str, workdir: str, policy_name: str = "lpc", loo
             t.start()
             t.join(10)
             return {"ok": out == [499500]}
+        if op == "zmq_threads":
+            # libzmq threads that run for the first time inside the jail (as a
+            # starved I/O or reaper thread may at device start): each calls
+            # sched_setscheduler(SCHED_OTHER) and prctl(PR_SET_NAME) first.
+            late = zmq.Context(io_threads=1)
+            a, b = late.socket(zmq.PAIR), late.socket(zmq.PAIR)
+            a.bind("inproc://late")
+            b.connect("inproc://late")
+            a.send(b"late")
+            got = b.recv()
+            a.close(0)
+            b.close(0)
+            late.term()
+            return {"ok": got == b"late"}
         if op == "executor":
             return {"ok": True, "value": await loop.run_in_executor(None, pow, 2, 10)}
         if op == "fork":

@@ -51,6 +51,8 @@ def _seccomp_available() -> str:
 
 
 _WHY_NOT = _seccomp_available() or _namespaces_permitted()
+ALL_NAMESPACES = {"user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time"}
+DEFAULT_HOST_IDS = (65534, 65534)  # sandbox.namespaces.DEFAULT_HOST_IDS
 needs_sandbox = pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT or "ok")
 pytestmark = [pytest.mark.root]
 
@@ -202,6 +204,15 @@ def _ns(pid: int | str, name: str) -> str:
     return os.readlink(f"/proc/{pid}/ns/{name}")
 
 
+def _assert_unprivileged(status: dict[str, str], host_ids, what) -> None:
+    """No capability in any set, every uid/gid the unprivileged host id, no groups."""
+    for field in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+        assert int(status[field], 16) == 0, (what, field, status[field])
+    assert set(status["Uid"].split()) == {str(host_ids[0])}, (what, status["Uid"])
+    assert set(status["Gid"].split()) == {str(host_ids[1])}, (what, status["Gid"])
+    assert status["Groups"].strip() == "", (what, status["Groups"])
+
+
 def _assert_process_ok(p: Probe) -> None:
     """The serving path still works inside the jail."""
     assert p.call("ping")["ok"]
@@ -216,9 +227,10 @@ def _assert_process_ok(p: Probe) -> None:
 @needs_sandbox
 def test_on_mode_confines_and_keeps_serving(probe_factory):
     p = probe_factory("on")
-    assert set(p.hello["entered"]) == {"mnt", "pid", "net", "ipc", "uts"}
+    assert set(p.hello["entered"]) == ALL_NAMESPACES
     assert p.report["root"] == "empty"
     assert p.report["seccomp"] == "kill"
+    assert p.report["ids"]["host"] == list(DEFAULT_HOST_IDS)
 
     threads = os.listdir(f"/proc/{p.pid}/task")
     assert len(threads) > 1  # libzmq's I/O threads were running before the jail
@@ -226,7 +238,8 @@ def test_on_mode_confines_and_keeps_serving(probe_factory):
         status = _status(f"{p.pid}/task/{tid}")
         assert status["Seccomp"] == "2", tid
         assert status["NoNewPrivs"] == "1", tid
-    for ns in ("mnt", "net", "pid", "ipc", "uts"):
+        _assert_unprivileged(status, DEFAULT_HOST_IDS, tid)
+    for ns in ALL_NAMESPACES:
         assert _ns(p.pid, ns) != _ns("self", ns), ns
     assert os.listdir(f"/proc/{p.pid}/root") == []  # the old / is gone
     assert p.call("ping")["pid"] == 1  # pid 1 of its own pid namespace
@@ -272,6 +285,18 @@ def test_on_mode_confines_and_keeps_serving(probe_factory):
 
 
 @needs_sandbox
+def test_zmq_threads_first_running_inside_the_jail_survive(probe_factory):
+    """Issue 9: a libzmq thread whose first instructions ran after the filter
+    died of SIGSYS (sched_setscheduler, prctl PR_SET_NAME)."""
+    p = probe_factory("on")
+    for _ in range(3):
+        assert p.call("zmq_threads") == {"ok": True}, p.stderr_so_far()
+    assert p.call("ping")["ok"]
+    assert p.call("exit")["ok"]
+    assert p.finish()[p.pid] == ("exit", 0)
+
+
+@needs_sandbox
 def test_on_mode_exec_kills_the_device(probe_factory):
     p = probe_factory("on")
     ended = p.call_fatal("exec")
@@ -291,7 +316,7 @@ def test_unprivileged_device_falls_back_to_a_user_namespace(probe_factory, publi
     p = probe_factory("on", workdir=public_dir, as_user=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
     if "user" not in p.hello["entered"]:
         pytest.skip(f"unprivileged user namespaces are not permitted here: {p.stderr_so_far()}")
-    assert set(p.hello["entered"]) == {"user", "mnt", "pid", "net", "ipc", "uts"}
+    assert set(p.hello["entered"]) == ALL_NAMESPACES
     assert p.report["root"] == "empty"
     assert _status(p.pid)["Seccomp"] == "2"
     assert _status(p.pid)["Uid"].split()[0] == "65534"

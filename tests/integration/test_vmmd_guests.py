@@ -190,8 +190,8 @@ def test_smp_guest_runs_and_pauses_with_a_waiting_application_processor(tmp_path
 
 
 def test_a_hung_device_reads_as_all_ones_is_failed_and_replaced(tmp_path, test_guests):
-    # A stopped process never answers: the read times out, vmmd returns
-    # all-ones to the guest, marks the device failed, kills and restarts it.
+    # A stopped process never answers: a read or the heartbeat times out,
+    # vmmd marks the device unresponsive, kills and restarts it.
     vm = start(tmp_path, test_guests["ticker"], "--device-timeout", "0.5")
     try:
         vm.wait_api()
@@ -206,7 +206,7 @@ def test_a_hung_device_reads_as_all_ones_is_failed_and_replaced(tmp_path, test_g
             time.sleep(0.05)
         assert now["restarts"] >= 1 and now["state"] == "running", now
         assert now["pid"] != lpc["pid"]
-        assert "no answer" in vm.stderr()
+        assert "device lpc is unresponsive" in vm.stderr()
         n = ping_count(vm.output())
         deadline = time.monotonic() + 60
         while ping_count(vm.output()) < n + 2 and time.monotonic() < deadline:

@@ -79,6 +79,7 @@ def inner_script(argv: list[str], cwd: str, env: dict[str, str]) -> str:
 modprobe -a {mods} || {{ echo 'lab: modprobe {mods} failed' >&2; exit {EXIT_LAB_FAILED}; }}
 [ -c /dev/kvm ] || {{ echo 'lab: no /dev/kvm inside: kvm_amd did not load (no SVM in the emulated CPU?)' >&2; exit {EXIT_LAB_FAILED}; }}
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
+echo "lab: /dev/kvm ready (kvm_amd npt=$(cat /sys/module/kvm_amd/parameters/npt)), L1 up $(cut -d' ' -f1 /proc/uptime) s" >&2
 {exports}export VMMD_IN_LAB=1
 cd {shlex.quote(cwd)} || exit {EXIT_LAB_FAILED}
 exec {shlex.join(argv)}

@@ -4,6 +4,7 @@ import asyncio
 import copy
 import os
 import socket
+import stat
 from datetime import datetime, timezone
 
 import msgpack
@@ -509,3 +510,16 @@ def test_lpc_presents_an_isa_bridge_function():
     assert dev.io_read(IoSpace.PCI_CFG, 0x04, 2) == 0x0007
     assert dev.io_read(IoSpace.PCI_CFG, 0xFE, 4) == 0xFFFFFFFF  # past the end
     dev.close()
+
+
+def test_console_file_is_created_private(tmp_path):
+    """Guest console output may hold secrets: the file is created 0600 whatever the umask."""
+    from devices.lpc.backend import FileBackend
+    old = os.umask(0)
+    try:
+        b = FileBackend(str(tmp_path / "com1.out"))
+    finally:
+        os.umask(old)
+    b.write(b"hello")
+    b.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "com1.out").st_mode) == 0o600

@@ -193,6 +193,8 @@ class FakeDev:
         return {"target_pages": self.target, "actual_pages": 384, "stats": {"free_memory": 5},
                 "stats_age_s": 1.5, "reclaimed_bytes": 4096, "ignored_pfns": 2}
 
+    operator_control = control  # the API's bounded entry point (vmmd.devlink.ManagedDevice)
+
 
 class FakeMachine:
     def __init__(self, dev):

@@ -166,3 +166,11 @@ def test_options():
     for bad in (["queue_size=100"], ["bogus"], ["mac=01:00:00:00:00:00"]):
         with pytest.raises(ValueError):
             NetOptions({"args": bad})
+
+
+def test_rx_filter_refuses_frames_shorter_than_a_mac_address():
+    """Found by tests/fuzz/fuzz_net.py: accepts() raised IndexError on a frame of < 6 bytes."""
+    for promisc in (True, False):
+        rx = fr.RxFilter(promisc=promisc)
+        for frame in (b"", b"\xff", b"\x01\x02\x03\x04\x05"):
+            assert rx.accepts(frame, MAC) is False

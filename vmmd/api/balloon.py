@@ -77,7 +77,7 @@ def _device(control):
 async def _device_op(dev, op: str, args: dict | None = None) -> Any:
     from bus import endpoint
     loop = asyncio.get_running_loop()
-    call = functools.partial(dev.control, "device", {"op": op, "args": args or {}})
+    call = functools.partial(dev.operator_control, "device", {"op": op, "args": args or {}})
     try:
         return await loop.run_in_executor(None, call)
     except endpoint.DeviceControlError as exc:

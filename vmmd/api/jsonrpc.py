@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -22,6 +23,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 VM_STATE_ERROR = -32000  # the VM's state forbids the call
 NO_SUCH_DEVICE = -32001
+LIMIT_EXCEEDED = -32002  # a control-socket limit (connections, reply size, idle time)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
 
@@ -104,6 +106,8 @@ def validate(schema: dict, value: Any, path: str = "params") -> None:
     if "enum" in schema and value not in schema["enum"]:
         choices = ", ".join(json.dumps(c) for c in schema["enum"])
         raise SchemaError(f"{path}: must be one of {choices}")
+    if got == "number" and not math.isfinite(value):   # 1e400 parses as inf
+        raise SchemaError(f"{path}: number out of range")
     if got in ("integer", "number"):
         if "minimum" in schema and value < schema["minimum"]:
             raise SchemaError(f"{path}: must be >= {schema['minimum']}")
@@ -206,37 +210,80 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+ID_INT_MIN, ID_INT_MAX = -(1 << 63), (1 << 64) - 1   # ids any client can hold and compare
+
+
 def _valid_id(value: Any) -> bool:
-    return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    """An id we can echo exactly: a string, null, a finite number, an int of at most 64 bits."""
+    if value is None or isinstance(value, str):
+        return True
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return ID_INT_MIN <= value <= ID_INT_MAX
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def decode(raw: bytes) -> Any:
+    """One line -> a JSON value; ValueError for anything that is not UTF-8 JSON text
+    (json.loads on bytes would also take UTF-16/32, which this socket does not speak)."""
+    text = raw.decode("utf-8")       # strict: UnicodeDecodeError is a ValueError
+    if text.startswith("\ufeff"):
+        raise ValueError("byte order mark")
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_REPLY = 4 << 20
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry):
+    """max_batch: members one batch may have; max_reply: bytes one response line may
+    take (a member's answer that would cross it becomes an error object instead)."""
+
+    def __init__(self, registry: Registry, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_reply: int = DEFAULT_MAX_REPLY):
         self.registry = registry
+        self.max_batch = max_batch
+        self.max_reply = max_reply
 
     async def handle(self, raw: bytes) -> bytes | None:
         """One JSON-RPC message (single or batch) in, the response out (None: no response)."""
         try:
-            msg = json.loads(raw, parse_constant=_reject_constant)
+            msg = decode(raw)
         except (ValueError, RecursionError) as exc:  # includes UnicodeDecodeError
-            return error_response(PARSE_ERROR, f"Parse error: {exc}")
+            return error_response(PARSE_ERROR, f"Parse error: {str(exc)[:200]}")
         if isinstance(msg, list):
             if not msg:
                 return error_response(INVALID_REQUEST, "Invalid Request: empty batch")
+            if len(msg) > self.max_batch:
+                return error_response(INVALID_REQUEST, f"Invalid Request: batch of {len(msg)} "
+                                      f"requests (at most {self.max_batch})")
             # Sequential on purpose: a batch like [pause, reset] must run in order.
-            out = [r for r in [await self._one(m) for m in msg] if r is not None]
+            out: list[bytes] = []
+            room = self.max_reply - 2          # the brackets
+            for m in msg:
+                r = await self._one(m, room)
+                if r is not None:
+                    out.append(r)
+                    room -= len(r) + 1
             return b"[" + b",".join(out) + b"]" if out else None
-        return await self._one(msg)
+        return await self._one(msg, self.max_reply)
 
-    async def _one(self, msg: Any) -> bytes | None:
+    async def _one(self, msg: Any, room: int) -> bytes | None:
         response = await self._respond(msg)
         if response is None:
             return None
         try:
-            return encode(response)
-        except (TypeError, ValueError):
+            out = encode(response)
+        except (TypeError, ValueError, RecursionError):
             log.exception("result of %r is not JSON-serializable", msg.get("method"))
             return encode(error_object(INTERNAL_ERROR, "Internal error", response.get("id")))
+        if len(out) > room:
+            return encode(error_object(LIMIT_EXCEEDED, f"Reply too large: {len(out)} bytes "
+                                       f"(at most {self.max_reply} per response line)",
+                                       response.get("id")))
+        return out
 
     async def _respond(self, msg: Any) -> dict | None:
         if not isinstance(msg, dict):
@@ -246,7 +293,8 @@ class Dispatcher:
         if msg.get("jsonrpc") != "2.0":
             return error_object(INVALID_REQUEST, 'Invalid Request: "jsonrpc" must be "2.0"', echo_id)
         if rid is not _NO_ID and not _valid_id(rid):
-            return error_object(INVALID_REQUEST, 'Invalid Request: "id" must be a string, number or null')
+            return error_object(INVALID_REQUEST, 'Invalid Request: "id" must be a string, a finite '
+                                'number (integers of at most 64 bits) or null')
         name = msg.get("method")
         if not isinstance(name, str):
             return error_object(INVALID_REQUEST, 'Invalid Request: "method" must be a string', echo_id)

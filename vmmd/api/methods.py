@@ -66,7 +66,8 @@ class VmControl(Protocol):
         ...
 
     async def device_stats(self, device_id: str) -> dict:
-        """The device process's counters (its CONTROL stats reply); NoSuchDevice if unknown."""
+        """The device process's counters as of its last heartbeat, plus vmmd's own under
+        "vmmd" (state, refusals, stats_age_s); NoSuchDevice if unknown."""
         ...
 
     async def set_link(self, device_id: str, up: bool) -> dict:
@@ -89,9 +90,17 @@ DEVICE_SCHEMA = {
         "id": {"type": "string"},
         "type": {"type": "string"},
         "pid": {"type": ["integer", "null"], "description": "null while not running"},
-        "state": {"type": "string"},
+        "state": {"type": "string", "description": "starting, running, unresponsive, crashed, restarting, "
+                                                   "failed (crash-loop limit; device.restart revives), stopped"},
         "restarts": {"type": "integer", "minimum": 0},
         "sandbox": {"type": "string", "enum": ["on", "log", "off"]},
+        "refused": {"type": "object",
+                    "description": "messages from the device vmmd refused, by kind (vector, irq_line, msi, "
+                                   "request, state_size, malformed, oversized, stale_replies, unexpected)"},
+        "refused_total": {"type": "integer", "minimum": 0},
+        "log_lines_suppressed": {"type": "integer", "minimum": 0,
+                                 "description": "device-provoked log lines dropped by the rate limit"},
+        "heartbeats": {"type": "integer", "minimum": 0},
     },
     "required": ["id", "type", "pid", "state", "restarts", "sandbox"],
 }

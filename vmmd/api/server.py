@@ -2,12 +2,16 @@
 
 A thin asyncio shell around jsonrpc.Dispatcher: one request (or batch) per
 line, one response line per non-notification, requests of one connection
-answered in order, any number of connections at once.
+answered in order, up to ApiLimits.max_connections connections at once (the
+next one gets a LIMIT_EXCEEDED error line and is closed). A connection with
+no complete request (or an unread reply) for idle_timeout seconds gets an
+error line and is closed; a line longer than max_request is a parse error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -15,11 +19,13 @@ import socket
 import stat
 from typing import Protocol
 
-from vmmd.api.jsonrpc import PARSE_ERROR, error_response
+from vmmd.api.jsonrpc import LIMIT_EXCEEDED, PARSE_ERROR, error_response
+from vmmd.api.limits import DEFAULT_LIMITS, ApiLimits
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 1 << 20  # bytes per request line, newline excluded
+MAX_LINE = DEFAULT_LIMITS.max_request  # bytes per request line, newline excluded
+REFUSAL_LOG_EVERY = 1000               # refused connections: log the 1st, then every 1000th
 _CHUNK = 64 * 1024
 
 
@@ -78,10 +84,14 @@ def _bind(path: str) -> socket.socket:
 class ApiServer:
     """The listening control socket; close() stops it and removes the socket file."""
 
-    def __init__(self, path: str, dispatcher: _Handles, max_line: int):
+    def __init__(self, path: str, dispatcher: _Handles, max_line: int,
+                 limits: ApiLimits = DEFAULT_LIMITS):
         self.path = path
         self._dispatcher = dispatcher
         self._max_line = max_line
+        self.limits = limits
+        self.refused = 0          # connections refused at the cap
+        self.timed_out = 0        # connections closed for idleness
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
         self._clients: dict[asyncio.Task, asyncio.StreamWriter] = {}
@@ -140,11 +150,22 @@ class ApiServer:
     # -- one connection ---------------------------------------------------
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= self.limits.max_connections:
+            await self._refuse(writer)
+            return
         task = asyncio.current_task()
         self._clients[task] = writer
         try:
             if not self._closing:
                 await self._serve_lines(task, reader, writer)
+        except asyncio.TimeoutError:   # before OSError: TimeoutError is one
+            self.timed_out += 1
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()   # it does not read: drop its unread replies too
+            else:
+                with contextlib.suppress(Exception):
+                    writer.write(error_response(LIMIT_EXCEEDED, "idle timeout: no request for "
+                                                f"{self.limits.idle_timeout:g} s; closing") + b"\n")
         except (ConnectionError, OSError):
             pass  # the client went away; nothing to answer
         except Exception:
@@ -154,12 +175,26 @@ class ApiServer:
             self._busy.discard(task)
             writer.close()
 
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Over the connection cap: one error line (best effort, never waited on) and close."""
+        self.refused += 1
+        if self.refused % REFUSAL_LOG_EVERY == 1:
+            log.warning("control socket: refused a connection (cap %d reached; %d refused so far)",
+                        self.limits.max_connections, self.refused)
+        with contextlib.suppress(Exception):
+            writer.write(error_response(LIMIT_EXCEEDED, "too many connections: at most "
+                                        f"{self.limits.max_connections}; try again later") + b"\n")
+        writer.close()
+
     async def _serve_lines(self, task, reader, writer) -> None:
         buf = bytearray()
         scanned = 0          # no newline in buf[:scanned]
         discarding = False   # inside an over-long line: drop up to its newline
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.idle_timeout
         while not self._closing:
-            chunk = await reader.read(_CHUNK)
+            # Idle means no complete request: trickling bytes does not keep a connection.
+            chunk = await asyncio.wait_for(reader.read(_CHUNK), max(0.0, deadline - loop.time()))
             if not chunk:
                 return
             buf += chunk
@@ -192,24 +227,29 @@ class ApiServer:
                         await self._send(writer, response)
                 finally:
                     self._busy.discard(task)
+                # A request answered: the idle clock restarts (blank lines and
+                # over-long junk do not restart it).
+                deadline = loop.time() + self.limits.idle_timeout
                 if self._closing:
                     return
 
     def _too_long(self) -> bytes:
         return error_response(PARSE_ERROR, f"Parse error: line longer than {self._max_line} bytes")
 
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, response: bytes) -> None:
+    async def _send(self, writer: asyncio.StreamWriter, response: bytes) -> None:
         writer.write(response + b"\n")
-        await writer.drain()
+        # A client that does not read its replies is idle too.
+        await asyncio.wait_for(writer.drain(), self.limits.idle_timeout)
 
 
-async def serve(path: str, dispatcher: _Handles, *, max_line: int = MAX_LINE) -> ApiServer:
+async def serve(path: str, dispatcher: _Handles, *, max_line: int | None = None,
+                limits: ApiLimits = DEFAULT_LIMITS) -> ApiServer:
     """Listen on the Unix socket path (mode 0600) and answer JSON-RPC lines.
 
     A stale socket file is replaced; ServeError if a live server answers on
-    path or it is not a socket.
+    path or it is not a socket. max_line overrides limits.max_request.
     """
-    server = ApiServer(path, dispatcher, max_line)
+    server = ApiServer(path, dispatcher, limits.max_request if max_line is None else max_line,
+                       limits)
     await server._start()
     return server

@@ -10,6 +10,10 @@ pending bit, and the PBA reports it by polling the eventfd without
 consuming it. In bus-only mode (no eventfds) the device reports "vector v
 fired" on the bus; vmmd injects with signal_msi or remembers it as pending.
 
+An entry whose data asks for a delivery mode other than fixed or lowest
+priority (SMI, NMI, INIT, ExtINT) is never live: a device's interrupt can
+only ever be a plain interrupt, whatever the table says (vmmd/authority.py).
+
 Pure logic over an abstract `vm` (irqfd, signal_msi: vmmd.kvm.api.Vm's
 names) and a vmmd.pci.gsi.GsiRouter.
 """
@@ -19,6 +23,8 @@ from __future__ import annotations
 import logging
 import select
 import threading
+
+from vmmd.authority import msi_delivery_ok
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +82,9 @@ class MsixTable:
         return addr, data, bool(t[base + 12] & VECTOR_MASKED)
 
     def live(self, v: int) -> bool:
-        addr, _, masked = self.entry(v)
+        addr, data, masked = self.entry(v)
         return (self.enabled and not self.function_masked and not masked
-                and (addr & MSI_WINDOW_MASK) == MSI_WINDOW)
+                and (addr & MSI_WINDOW_MASK) == MSI_WINDOW and msi_delivery_ok(data))
 
     # -- the VM ------------------------------------------------------------------
     def attach(self, vm) -> None:

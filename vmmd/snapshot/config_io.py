@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from vmmd.api.limits import ApiLimits
 from vmmd.config import SlotConfig, VmConfig
 from vmmd.snapshot.format import SnapshotError
 
@@ -52,6 +53,12 @@ def config_from_json(d: dict) -> VmConfig:
                     raise SnapshotError(f"manifest config: bad slot {s!r}")
                 slots.append(SlotConfig(s["slot"], s["function"], s["device"], tuple(s["args"])))
             kw[k] = tuple(slots)
+        elif k == "api_limits":   # a nested dataclass: asdict() wrote it as an object
+            fields = {f.name: f.type for f in dataclasses.fields(ApiLimits)}
+            if (not isinstance(v, dict) or set(v) != set(fields)
+                    or any(type(x) not in (int, float) for x in v.values())):
+                raise SnapshotError(f"manifest config: bad api_limits {v!r}")
+            kw[k] = ApiLimits(**v)
         elif k == "consoles":
             if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
                 raise SnapshotError("manifest config: bad consoles")
