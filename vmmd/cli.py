@@ -115,7 +115,10 @@ def _restore_or_exit(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     prepared = None
-    if any(a == "--restore" or a.startswith("--restore=") for a in argv):
+    if any(a == "--incoming" or a.startswith("--incoming=") for a in argv):
+        from vmmd.migration.incoming import prepare_or_exit  # live migration's destination
+        cfg, prepared = prepare_or_exit(argv)
+    elif any(a == "--restore" or a.startswith("--restore=") for a in argv):
         cfg, prepared = _restore_or_exit(argv)
     else:
         cfg = parse_or_exit(argv)

@@ -229,6 +229,44 @@ def _show_snapshot(r: dict) -> str:
             f"now {r.get('state')}")
 
 
+def _migration_line(st: dict) -> str:
+    rem = st.get("remaining_dirty_bytes")
+    return (f"migration {st.get('state', '?'):>10}: pass {st.get('iteration', 0)}, "
+            f"sent {_bytes(st.get('bytes_sent') or 0)}, dirty {'-' if rem is None else _bytes(rem)}, "
+            f"{st.get('bandwidth_mibs') or 0} MiB/s, dirtying {st.get('dirty_rate_mibs') or 0} MiB/s, "
+            f"throttle {st.get('throttle_pct', 0)}%, expected downtime {st.get('expected_downtime_ms') or '-'} ms")
+
+
+def _migrate(args: argparse.Namespace, path: str, method: str, params: Any) -> Any:
+    """migration.start; with --wait, migration.status polled into one progress line
+    until it ends (the source vmmd exits after a completed migration)."""
+    st = call(path, method, params, args.timeout)
+    if not args.wait:
+        return st
+    import time
+    while st.get("state") in ("setup", "active", "switchover"):
+        sys.stderr.write("\r" + _migration_line(st))
+        sys.stderr.flush()
+        time.sleep(0.2)
+        try:
+            st = call(path, "migration.status", None, 5.0)
+        except ConnectionFailed:
+            if st.get("state") == "switchover":  # the source exited: the destination took over
+                st = dict(st, state="completed")
+            break
+    sys.stderr.write("\r" + _migration_line(st) + "\n")
+    if st.get("state") != "completed":
+        raise RpcError(-32000, f"migration {st.get('state')}: {st.get('error')}")
+    return st
+
+
+def _show_migration(st: dict) -> str:
+    if st.get("state") == "completed":
+        return (f"migration completed: downtime {st.get('downtime_ms')} ms, {st.get('iteration')} passes, "
+                f"{_bytes(st.get('bytes_sent') or 0)} sent in {st.get('total_ms')} ms")
+    return f"migration {st.get('state')} to {st.get('uri')}"
+
+
 def _json_params(text: str | None) -> dict | list | None:
     if text is None:
         return None
@@ -281,6 +319,27 @@ COMMANDS: list[Command] = [
             params=lambda a: {"path": os.path.abspath(a.dir), "resume": not a.stop,
                               **({"diff_from": os.path.abspath(a.diff_from)} if a.diff_from else {})},
             run=_snapshot_with_progress, show=_show_snapshot),
+    Command("migrate", "live-migrate the VM to a `vmmd --incoming URI` destination", "migration.start",
+            args=(Arg("uri", "unix:PATH or tcp:HOST:PORT", metavar="URI"),),
+            flags=((("--wait",), {"action": "store_true", "help": "show progress until it ends"}),
+                   (("--downtime-ms",), {"type": float, "help": "allowed downtime (default 300)"}),
+                   (("--max-bandwidth",), {"type": float, "metavar": "MiB/s", "help": "bandwidth limit"}),
+                   (("--no-auto-converge",), {"action": "store_true", "help": "never throttle the vCPUs"}),
+                   (("--migration-timeout",), {"type": float, "metavar": "S", "help": "give up after S seconds"}),
+                   (("--insecure",), {"action": "store_true", "help": "allow plain TCP to another host"}),
+                   (("--tls",), {"nargs": 3, "metavar": ("CERT", "KEY", "CA"), "help": "mutual TLS"})),
+            params=lambda a: {"uri": a.uri, "auto_converge": not a.no_auto_converge,
+                              **({"downtime_ms": a.downtime_ms} if a.downtime_ms else {}),
+                              **({"max_bandwidth_mibs": a.max_bandwidth} if a.max_bandwidth else {}),
+                              **({"timeout_s": a.migration_timeout} if a.migration_timeout else {}),
+                              **({"insecure": True} if a.insecure else {}),
+                              **({"tls": dict(zip(("cert", "key", "ca"), map(os.path.abspath, a.tls)))}
+                                 if a.tls else {})},
+            run=_migrate, show=_show_migration),
+    Command("migration-status", "show the current or last migration", "migration.status",
+            show=lambda st: _migration_line(st) + (f"\nerror: {st['error']}" if st.get("error") else "")),
+    Command("migration-cancel", "cancel the running migration (the VM runs on here)", "migration.cancel",
+            show=lambda st: f"migration {st.get('state')}"),
     Command("call", "call any method", lambda a: a.method_name,
             args=(Arg("method_name", "JSON-RPC method name", metavar="METHOD"),
                   Arg("params_json", "params as a JSON object or array", _json_params, "?")),

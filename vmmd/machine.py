@@ -86,6 +86,8 @@ class Machine:
         self.rundir = tempfile.mkdtemp(prefix="vmmd-")
         self.supervisor: Supervisor | None = None
         self.resets = 0
+        from vmmd.migration.control import MigrationControl
+        self.migration = MigrationControl(self)  # migration.start/status/cancel
 
     def _assists_enabled(self) -> bool:
         mode = self.cfg.pvm_assists
@@ -117,6 +119,10 @@ class Machine:
                 dev.fds.update(host_fds.get(spec.id, {}))
                 await self.supervisor.start(dev)
             t_restore = time.monotonic()
+            incoming = getattr(self.restore_from, "incoming", None)  # vmmd --incoming
+            if incoming is not None:
+                await incoming.receive(self)  # RAM and state: overlaps the device start-up above
+                t_restore = time.monotonic()
             if self.restore_from is not None:
                 from vmmd.snapshot import restore as snaprestore
                 await snaprestore.restore_devices(self, self.restore_from.tip)
@@ -125,11 +131,15 @@ class Machine:
             if self.restore_from is not None:
                 from vmmd.snapshot import create as snapcreate
                 snapcreate.start_tracking(self, self.restore_from.tip.id)
-            paused = self.restore_from is not None and self.restore_from.paused
+            paused = self.restore_from is not None and (self.restore_from.paused or incoming is not None)
             if paused:
                 self.control.pause(0)  # the vCPU threads park before their first KVM_RUN
             self._start_vcpus(keep_control=paused)
             self.state = "paused" if paused else "running"
+            if incoming is not None:
+                log.info("incoming: device states %.1f ms, KVM state %.1f ms",
+                         (t_vm - t_restore) * 1000, (time.monotonic() - t_vm) * 1000)
+                await incoming.finish(self)  # mig-ready, wait for mig-go, resume, mig-running
             if self.restore_from is not None:
                 t = self.restore_from.timings or {}
                 now = time.monotonic()
@@ -351,6 +361,7 @@ class Machine:
             "protocol": PROTOCOL_VERSION,
             "snapshot": self.snapshot_progress,
             "restored_from": self.restore_from.tip.path if self.restore_from else None,
+            "migration": self.migration.status(),
             "restore_time": vars(self.time_plan) if self.time_plan else None,
         }
 
@@ -358,6 +369,7 @@ class Machine:
         return [d.describe() for d in self.supervisor.devices.values()] if self.supervisor else []
 
     async def pause(self) -> None:
+        self._no_migration("pause")
         async with self._transition:
             if self.state != "running":
                 raise VmStateError(f"cannot pause a VM that is {self.state}")
@@ -368,6 +380,7 @@ class Machine:
             self.state = "paused"
 
     async def resume(self) -> None:
+        self._no_migration("resume")
         async with self._transition:
             if self.state != "paused":
                 raise VmStateError(f"cannot resume a VM that is {self.state}")
@@ -383,6 +396,7 @@ class Machine:
         """JSON-RPC snapshot.create (vmmd/snapshot/create.py)."""
         from vmmd.snapshot import create as snapcreate
         from vmmd.snapshot.format import SnapshotError
+        self._no_migration("snapshot")
         async with self._transition:
             if self.state not in ("running", "paused"):
                 raise VmStateError(f"cannot snapshot a VM that is {self.state}")
@@ -395,6 +409,10 @@ class Machine:
                 raise VmStateError(f"snapshot failed: {type(exc).__name__}: {exc}") from None
             finally:
                 self.snapshot_progress = None
+
+    def _no_migration(self, what: str) -> None:
+        if self.migration.active:
+            raise VmStateError(f"cannot {what} while a migration is running (migration.cancel first)")
 
     async def reset(self) -> None:
         async with self._transition:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import vmmd
 from bus.types import PROTOCOL_VERSION
-from vmmd.api import balloon, openrpc, snapshot
+from vmmd.api import balloon, migration, openrpc, snapshot
 from vmmd.api.jsonrpc import NO_SUCH_DEVICE, VM_STATE_ERROR, ApiError, Registry
 
 VM_STATES = ("created", "running", "paused", "resetting", "shutdown")
@@ -213,6 +213,7 @@ def build_registry(control: VmControl) -> Registry:
                  None, VERSION_SCHEMA, "vmmd version and device bus protocol version")
     balloon.register(registry, control)  # balloon.set, balloon.info (vmmd/api/balloon.py)
     snapshot.register(registry, control)  # snapshot.create (vmmd/api/snapshot.py)
+    migration.register(registry, control)  # migration.* (vmmd/api/migration.py)
     registry.add("rpc.discover", lambda p: openrpc.build_document(registry),
                  None, {"type": "object", "description": "OpenRPC 1.2.6 document"},
                  "This API as an OpenRPC document")

@@ -60,8 +60,9 @@ def start_tracking(machine, base_id: str) -> None:
     machine.snapshot_base = base_id
 
 
-def dirty_mask(machine) -> np.ndarray:
-    """Pages (by memfd offset) written since tracking started: KVM | devices | holes."""
+def dirty_mask(machine, holes: bool = True) -> np.ndarray:
+    """Pages (by memfd offset) written since tracking started: KVM | devices | holes
+    (live migration asks without holes: they are sent once, as zero pages)."""
     mem = machine.memory
     pages = mem.size // ramio.PAGE
     mask = np.zeros(pages, dtype=bool)
@@ -78,10 +79,12 @@ def dirty_mask(machine) -> np.ndarray:
             lo, hi = region.gpa // ramio.PAGE, region.end // ramio.PAGE
             sel = gpa_pages[(gpa_pages >= lo) & (gpa_pages < hi)]
             mask[sel - lo + region.offset // ramio.PAGE] = True
-    holes = np.ones(pages, dtype=bool)
+    if not holes:
+        return mask
+    hole = np.ones(pages, dtype=bool)
     for start, length in ramio.data_extents(mem.fd, mem.size):
-        holes[start // ramio.PAGE:(start + length) // ramio.PAGE] = False
-    return mask | holes
+        hole[start // ramio.PAGE:(start + length) // ramio.PAGE] = False
+    return mask | hole
 
 
 # -- the snapshot ------------------------------------------------------------------------

@@ -58,13 +58,17 @@ class Record:
     payload: bytes
 
 
-def encode_record(kind: str, instance: str, payload: bytes, version: int | None = None) -> bytes:
-    if kind not in KINDS:
+def encode_record(kind: str, instance: str, payload: bytes, version: int | None = None,
+                  kinds: dict | None = None, max_payload: dict | None = None) -> bytes:
+    """kinds/max_payload: extra record kinds of a protocol built on this stream (migration)."""
+    kinds = KINDS if kinds is None else {**KINDS, **kinds}
+    limits = MAX_PAYLOAD if max_payload is None else {**MAX_PAYLOAD, **max_payload}
+    if kind not in kinds:
         raise ValueError(f"unknown record kind {kind!r}")
     k, i = kind.encode("ascii"), instance.encode("ascii")
-    if len(payload) > MAX_PAYLOAD[kind]:
+    if len(payload) > limits[kind]:
         raise ValueError(f"{kind} payload of {len(payload)} bytes is over the limit")
-    header = _HEADER.pack(MAGIC, STREAM_VERSION, len(k), len(i), 0, KINDS[kind] if version is None else version,
+    header = _HEADER.pack(MAGIC, STREAM_VERSION, len(k), len(i), 0, kinds[kind] if version is None else version,
                           len(payload), hashlib.sha256(payload).digest())
     return header + k + i + bytes(payload)
 
@@ -89,9 +93,13 @@ def decode_ram_run(rec: Record, pages: int) -> tuple[int, memoryview]:
 class RecordDecoder:
     """Incremental, sans-I/O: feed() bytes as they arrive, get whole records back."""
 
-    def __init__(self):
+    def __init__(self, kinds: dict | None = None, max_payload: dict | None = None):
+        """kinds/max_payload: extra record kinds (kind -> version, kind -> bound) a
+        protocol built on this stream adds (vmmd/migration/protocol.py)."""
         self._buf = bytearray()
         self._failed: StreamError | None = None
+        self._kinds = KINDS if kinds is None else {**KINDS, **kinds}
+        self._limits = MAX_PAYLOAD if max_payload is None else {**MAX_PAYLOAD, **max_payload}
 
     def _fail(self, why: str):
         self._failed = StreamError(why)
@@ -118,13 +126,14 @@ class RecordDecoder:
                 instance = bytes(self._buf[HEADER_SIZE + klen:need]).decode("ascii")
             except UnicodeDecodeError:
                 self._fail("record kind or instance is not ASCII")
-            if kind not in KINDS:
+            if kind not in self._kinds:
                 self._fail(f"unknown record kind {kind!r}")
-            if version > KINDS[kind]:
-                self._fail(f"{kind} record version {version} is newer than this vmmd supports ({KINDS[kind]})")
+            if version > self._kinds[kind]:
+                self._fail(f"{kind} record version {version} is newer than this vmmd supports "
+                           f"({self._kinds[kind]})")
             if version < 1:
                 self._fail(f"{kind} record version {version}")
-            if plen > MAX_PAYLOAD[kind]:
+            if plen > self._limits[kind]:
                 self._fail(f"{kind} record of {plen} bytes is over the limit")
             if len(self._buf) < need + plen:
                 break
