@@ -267,7 +267,9 @@ def test_convergence_forced_both_ways(tmp_path, test_guests):
         uri2 = f"unix:{tmp_path}/t2.sock"
         dst2 = destination(tmp_path / "d", uri2)
         st = migrate(src2, dst2, uri2, downtime_ms=100000)
-        assert st["iteration"] == 1, st
+        # (the first pass, or the first dirty sync after it when the bandwidth
+        # estimate is not in yet on a loaded host: never an iterative precopy)
+        assert st["iteration"] <= 2 and st["throttle_pct"] == 0, st
         check_guest(dst2, tmp_path)
         kill(dst2)
     finally:
