@@ -486,6 +486,9 @@ XSETBV_THEN_CPUID_D = bytes.fromhex(
     "f4")             # hlt
 
 
+@pytest.mark.xfail(os.environ.get("VMMD_IN_LAB") == "1", strict=True,
+                   reason="QEMU 7.2's TCG does not apply the SVM XSETBV intercept: an L2 XSETBV "
+                          "never exits to the lab's (L1) KVM, so KVM's XCR0 stays 1 (docs/lab.md)")
 def test_xsetbv_updates_the_xsave_size_the_guest_reads(kvm, make_guest):
     """After the guest's XSETBV, KVM's copy of XCR0 and CPUID leaf 0xD agree
     with it: what Linux checks at boot ("XSAVE consistency problem")."""
