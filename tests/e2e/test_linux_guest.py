@@ -187,14 +187,14 @@ def test_balloon_lowers_guest_memory_and_host_allocation(linux):
     alloc0 = memfd_allocated(vm)
     vm.rpc("balloon.set", {"size_mib": 128, "stats_interval_s": 1})
     info = wait_until(lambda: (lambda i: i if i["actual_mib"] >= 128 else None)(vm.rpc("balloon.info")),
-                      300, "the guest did not inflate the balloon to 128 MiB")
+                      180, "the guest did not inflate the balloon to 128 MiB")
     assert meminfo(agent, "MemTotal") <= total0 - 120 * 2**20
     assert info["reclaimed_bytes"] >= 120 * 2**20
     assert memfd_allocated(vm) <= alloc0 - 64 * 2**20
     stats = wait_until(lambda: vm.rpc("balloon.info")["stats"], 120, "no guest stats")
     assert any("free" in k or "avail" in k for k in stats), stats
     vm.rpc("balloon.set", {"size_mib": 0})
-    wait_until(lambda: vm.rpc("balloon.info")["actual_mib"] == 0, 300, "the balloon did not deflate")
+    wait_until(lambda: vm.rpc("balloon.info")["actual_mib"] == 0, 180, "the balloon did not deflate")
     assert meminfo(agent, "MemTotal") >= total0 - 4 * 2**20
 
 
