@@ -41,3 +41,9 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+
+# PVM hosts (no VMX/SVM) cannot run a stock guest's user space: scripts/boot
+# and scripts/test use the nested lab there (docs/lab.md).
+host_is_pvm() {
+    python -c 'import sys; from vmmd.assists import host_is_pvm; sys.exit(0 if host_is_pvm() else 1)'
+}

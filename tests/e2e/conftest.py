@@ -17,6 +17,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -132,12 +134,11 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def _watch_boot(vm: VmmdProcess, t0: float, seen: dict, stop) -> None:
-    import time as _t
     while not stop.is_set() and len(seen) < len(BOOT_MARKERS):
         out = vm.output()
         for name, text in BOOT_MARKERS:
             if name not in seen and (out if text is None else text in out):
-                seen[name] = _t.monotonic() - t0
+                seen[name] = time.monotonic() - t0
         stop.wait(0.2)
 
 
@@ -150,9 +151,7 @@ def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
         "--kernel", guest["kernel"], "--initrd", guest["initrd"],
         "--cmdline", f"{guest['cmdline']} {cmdline_extra}".strip(),
     ], netns=netns, com1="socket")
-    import threading
-    import time as _t
-    t0 = _t.monotonic()
+    t0 = time.monotonic()
     vm.wait_api(timeout=900)  # Python start-up alone takes tens of seconds in the lab
     vm.attach_console()
     seen: dict[str, float] = {}
@@ -168,7 +167,7 @@ def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
                              f"{vm.output()[-3000:]}\nvmmd stderr: {vm.stderr()[-3000:]}")
     finally:
         stop.set()
-    seen["agent answering"] = _t.monotonic() - t0
+    seen["agent answering"] = time.monotonic() - t0
     _boot_report(f"{name} ({cmdline_extra or 'full log'})", vm, t0, seen)
     return vm, agent
 
