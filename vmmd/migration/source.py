@@ -94,7 +94,7 @@ class Migration:
                        "ram_bytes_sent": 0, "remaining_dirty_bytes": None, "dirty_rate_mibs": None,
                        "bandwidth_mibs": None, "expected_downtime_ms": None, "downtime_ms": None,
                        "throttle_pct": 0, "total_ms": None, "error": None,
-                       "downtime_limit_ms": self.downtime_ms}
+                       "downtime_limit_ms": self.downtime_ms, "kvm_dirty_log": None}
         self._t0 = time.monotonic()
         self._pass_start_bytes = 0
         self._last_pass_bytes = 0
@@ -102,6 +102,7 @@ class Migration:
         self._replies = proto.SourceReplies()
         self._rbuf: list[str] = []
         self.throttle = Throttle(machine.control)
+        self.kvm_log = snapcreate.kvm_log_of(machine)  # the tracking one once run() started it
 
     # -- I/O ------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
@@ -198,18 +199,34 @@ class Migration:
         return sent
 
     def _first_pass(self) -> None:
+        """Every non-zero page, window by window. In KVM's manual mode each window's
+        dirty bits are cleared (its pages write-protected) right before the window's
+        data extents are looked up and read: a later write is logged for the next pass."""
         mem = self.m.memory
-        for start, length in ramio.data_extents(mem.fd, mem.size):  # holes: never touched or ballooned
-            for c in range(start, start + length, SCAN_CHUNK):
-                n = min(SCAN_CHUNK, start + length - c)
-                self._send_runs(mem._view[c:c + n], c // PAGE, np.ones(n // PAGE, dtype=bool), False)
+        npages = mem.size // PAGE
+        window = SCAN_CHUNK // PAGE
+        everything = np.ones(npages, dtype=bool)
+        for w in range(0, npages, window):
+            k = min(window, npages - w)
+            self.kvm_log.clear(everything, w, k)
+            for start, length in ramio.data_extents(mem.fd, (w + k) * PAGE, w * PAGE):  # holes: never touched or ballooned
+                self._send_runs(mem._view[start:start + length], start // PAGE,
+                                np.ones(length // PAGE, dtype=bool), False)
 
     def _dirty_pass(self, mask: np.ndarray) -> None:
+        """The pages in mask, window by window; in KVM's manual mode the window's
+        bits are cleared right before its pages are read (clearing only what is
+        about to be sent re-arms write protection chunk by chunk, as QEMU does)."""
         mem = self.m.memory
-        for first, n in ramio.page_runs(mask):
-            for f in range(first, first + n, SCAN_CHUNK // PAGE):
-                k = min(SCAN_CHUNK // PAGE, first + n - f)
-                self._send_runs(mem._view[f * PAGE:(f + k) * PAGE], f, np.ones(k, dtype=bool), True)
+        window = SCAN_CHUNK // PAGE
+        for w in range(0, len(mask), window):
+            sub = mask[w:w + window]
+            if not sub.any():
+                continue
+            self.kvm_log.clear(mask, w, len(sub))
+            for first, n in ramio.page_runs(sub):
+                f = w + first
+                self._send_runs(mem._view[f * PAGE:(f + n) * PAGE], f, np.ones(n, dtype=bool), True)
 
     def _harvest(self) -> np.ndarray:
         try:
@@ -236,11 +253,13 @@ class Migration:
                 m.control.resume()
                 raise MigrationFailed("vCPUs did not stop within 10 s")
             try:
-                snapcreate.start_tracking(m, "migration")
+                snapcreate.start_tracking(m, "migration", kvm_chunked=True)
             finally:
                 m.control.resume()
             if m.snapshot_base != "migration":
                 raise MigrationFailed("dirty logging is unavailable (KVM or a device)")
+            self.kvm_log = snapcreate.kvm_log_of(m)
+            self.status["kvm_dirty_log"] = self.kvm_log.mode
             m.snapshot_base = None  # no diff snapshot from a migration's logs
             it_start = time.monotonic()
             self._first_pass()
