@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import socket
 import ssl
 import threading
@@ -34,6 +36,10 @@ from vmmd.snapshot import ram as ramio
 log = logging.getLogger(__name__)
 PAGE = ramio.PAGE
 SCAN_CHUNK = 64 << 20
+# Test hook, off unless set: VMMD_MIGRATION_HOLD=PHASE:PATH holds the switchover
+# at PHASE while PATH exists (docs/migration.md, "Test hooks").
+HOLD_ENV = "VMMD_MIGRATION_HOLD"
+HOLD_PHASES = ("paused", "devices_saved", "state_sent", "ready")
 
 
 class MigrationFailed(Exception):
@@ -94,7 +100,7 @@ class Migration:
                        "ram_bytes_sent": 0, "remaining_dirty_bytes": None, "dirty_rate_mibs": None,
                        "bandwidth_mibs": None, "expected_downtime_ms": None, "downtime_ms": None,
                        "throttle_pct": 0, "total_ms": None, "error": None,
-                       "downtime_limit_ms": self.downtime_ms, "kvm_dirty_log": None}
+                       "downtime_limit_ms": self.downtime_ms, "kvm_dirty_log": None, "held_at": None}
         self._t0 = time.monotonic()
         self._pass_start_bytes = 0
         self._last_pass_bytes = 0
@@ -175,6 +181,34 @@ class Migration:
         finally:
             self.sock.setblocking(True)
         return kind in self._rbuf
+
+    def _destination_alive(self) -> None:
+        """Raise MigrationFailed if the destination closed or broke the connection
+        (reads whatever it sent, never waits)."""
+        self._poll("")
+
+    def _hold(self, phase: str) -> None:
+        """The VMMD_MIGRATION_HOLD test hook: wait at `phase` while its file exists,
+        ending early on migration.cancel or when the destination goes away."""
+        spec = os.environ.get(HOLD_ENV)
+        if not spec:
+            return
+        at, _, path = spec.partition(":")
+        if at not in HOLD_PHASES or not path:
+            raise MigrationFailed(f"{HOLD_ENV}={spec!r}: expected PHASE:PATH, PHASE one of {', '.join(HOLD_PHASES)}")
+        if at != phase or not os.path.exists(path):
+            return
+        self.status["held_at"] = phase
+        log.warning("migration: switchover held at %s while %s exists (%s)", phase, path, HOLD_ENV)
+        try:
+            while os.path.exists(path):
+                if self.cancel_requested:
+                    raise Cancelled("cancelled")
+                readable, _, _ = select.select([self.sock], [], [], 0.1)
+                if readable:
+                    self._destination_alive()
+        finally:
+            self.status["held_at"] = None
 
     def _on_loop(self, coro_or_fn, *args):
         if asyncio.iscoroutine(coro_or_fn):
@@ -303,12 +337,14 @@ class Migration:
             paused = True
             m.state = "paused"
             marks = [("paused", time.monotonic())]
+            self._hold("paused")
             devices = list(m.supervisor.devices.values())
             try:
                 states = self._on_loop(devstate.save_devices(devices))
             except Exception as exc:
                 raise MigrationFailed(str(exc)) from None
             marks.append(("devices_saved", time.monotonic()))
+            self._hold("devices_saved")
             self._dirty_pass(mask | self._harvest())
             marks.append(("last_pass", time.monotonic()))  # the pages found before the pause too
             self._send(proto.control("mig-iter", {"iteration": self.status["iteration"] + 1}))
@@ -324,8 +360,15 @@ class Migration:
                 self._send(proto.section("device", devstate.instance_of(dev), st))
             self._send(proto.control("mig-end", {"vcpus": len(vcpu_states)}))
             marks.append(("state_sent", time.monotonic()))
+            self._hold("state_sent")
             self._expect("mig-ready", 120)
             marks.append(("ready", time.monotonic()))
+            self._hold("ready")
+            # The last moment the source can still take the guest back: a destination
+            # that died while rebuilding (or after mig-ready) is seen here, not after mig-go.
+            self._destination_alive()
+            if self.cancel_requested:
+                raise Cancelled("cancelled")
             self._send(proto.control("mig-go"))
             self.committed = True
             self._expect("mig-running", 30)
