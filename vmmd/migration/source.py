@@ -32,6 +32,7 @@ from vmmd.snapshot import clock, config_io, machine_state
 from vmmd.snapshot import create as snapcreate
 from vmmd.snapshot import devices as devstate
 from vmmd.snapshot import ram as ramio
+from vmmd.snapshot import stream
 
 log = logging.getLogger(__name__)
 PAGE = ramio.PAGE
@@ -109,6 +110,7 @@ class Migration:
         self._rbuf: list[str] = []
         self.throttle = Throttle(machine.control)
         self.kvm_log = snapcreate.kvm_log_of(machine)  # the tracking one once run() started it
+        self._runs = stream.RamRunWriter(proto.MAX_RUN_PAGES)
 
     # -- I/O ------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
@@ -224,7 +226,7 @@ class Migration:
         for first, n in ramio.page_runs(mask & nz):
             for f in range(first, first + n, proto.MAX_RUN_PAGES):
                 k = min(proto.MAX_RUN_PAGES, first + n - f)
-                self._send(proto.ram_run(base_page + f, view[f * PAGE:(f + k) * PAGE]))
+                self._send(self._runs.encode(base_page + f, view[f * PAGE:(f + k) * PAGE]))
                 sent += k * PAGE
         if zero_too:
             for first, n in ramio.page_runs(mask & ~nz):
