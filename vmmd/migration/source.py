@@ -434,19 +434,21 @@ class Migration:
                                                      f"paused (the destination may be running the guest)")
             log.error("migration: %s", self.status["error"])
             return
-        if self.sock is not None:  # records are whole here unless the connection broke anyway
-            try:
-                self.sock.settimeout(0.5)
-                self.sock.sendall(proto.control("mig-cancel", {"reason": "migration.cancel" if cancelled
-                                                               else why[:200]}))
-            except OSError:
-                pass
         m = self.m
-        if paused:
+        if paused:  # first: mig-go was never sent, the guest is nowhere else
             self._on_loop(devstate.resume_devices(list(m.supervisor.devices.values()), log))
             clock.kvmclock_ctrl_all(m.vcpus)
             m.control.resume()
             m.state = "running"
+        if self.sock is not None:  # records are whole here unless the connection broke anyway
+            # Tell the destination why (best effort: it may be slow to read a full
+            # socket buffer on a busy host; it gives up either way, with this reason or not).
+            try:
+                self.sock.settimeout(2.0)
+                self.sock.sendall(proto.control("mig-cancel", {"reason": "migration.cancel" if cancelled
+                                                               else why[:200]}))
+            except OSError:
+                pass
         m.snapshot_base = None
         self.status.update(state="cancelled" if cancelled else "failed",
                            error=None if cancelled else why,
