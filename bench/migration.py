@@ -45,6 +45,7 @@ from tests.guests.build import build_guest  # noqa: E402
 from tests.vmmd_process import VmmdProcess  # noqa: E402
 
 MiB = 1 << 20
+_OUT_DIRS: list[str] = []
 REC = 0x3ff000
 DSTART = 0x400000
 
@@ -250,6 +251,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     out_dir = tempfile.mkdtemp(prefix="bench-mig-guests-")
+    _OUT_DIRS.append(out_dir)  # removed at exit
     idle = build_guest("gapwatch", out_dir, {"DEND": DSTART, "SPIN": 1000}, name="gapwatch-idle")
     results = {"loadavg_before": os.getloadavg(), "baseline_mibs": {}, "cases": []}
     for tr in args.transports.split(","):
@@ -287,4 +289,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import shutil
+    try:
+        sys.exit(main())
+    finally:
+        for d in _OUT_DIRS:
+            shutil.rmtree(d, ignore_errors=True)
