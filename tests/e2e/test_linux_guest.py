@@ -15,12 +15,8 @@ from tests.e2e.conftest import (DATA_DISK_SIZE, GUEST_IP, HOST_IP, RO_DISK_SIZE,
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm, pytest.mark.root]
 
-# Issue 8 is open: these checks run (XFAIL/XPASS show in the report) but do
-# not fail CI yet. Seen failing in the lab: the guest's virtio-blk checks
-# (and -c 2 bringing up only the boot CPU, below). Not yet seen passing in
-# the lab: the rest marked LAB_UNVERIFIED. Remove a mark once the check
-# passes there.
-LAB_FAILING = pytest.mark.xfail(reason="fails in the lab: issue 8 open (closing note)")
+# A check not yet seen passing in the lab runs as an expected failure
+# (XFAIL/XPASS in the report) until it has; remove the mark then.
 LAB_UNVERIFIED = pytest.mark.xfail(reason="not yet seen passing in the lab: issue 8 open")
 
 
