@@ -264,6 +264,29 @@ def test_changed_base_is_refused_and_a_copy_is_accepted(tmp_path, blkwriter):
         f.truncate(1 << 20)
     os.utime(ro, ns=(m["disks"]["3.0"]["mtime_ns"],) * 2)
 
+    # Refused later, by a device (its overlay was made by then): the overlay goes too.
+    bad = tmp_path / "bad-snap"
+    shutil.copytree(snap, bad)
+    sec = bad / "device-31.0.json"
+    doc = json.loads(sec.read_text())
+    doc["state"]["version"] = 999
+    data = (json.dumps(doc, sort_keys=True, indent=1) + "\n").encode()
+    sec.write_bytes(data)
+    bm = json.loads((bad / "manifest.json").read_text())
+    for s in bm["sections"]:
+        if s["file"] == sec.name:
+            s["size"], s["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    body = (json.dumps(bm, sort_keys=True, indent=1) + "\n").encode()
+    (bad / "manifest.json").write_bytes(body)
+    (bad / "manifest.json.sha256").write_text(hashlib.sha256(body).hexdigest() + "\n")
+    files = set(disk_dir.iterdir())
+    r = restore(tmp_path / "late", bad)
+    try:
+        assert r.wait(60) == 2
+    finally:
+        r.stop()
+    assert "refused its saved state" in r.stderr() and set(disk_dir.iterdir()) == files, r.stderr()
+
     # A copy of the frozen image, given with --disk: accepted, the overlay made next to it.
     vm2 = restore(tmp_path / "ok", snap, "--disk", f"2={copy}")
     try:
