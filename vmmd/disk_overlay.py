@@ -50,10 +50,24 @@ def create_overlay(image_path: str, overlay_path: str) -> int:
         create_qcow2(overlay_path, size, backing_file=name, backing_format=fmt_name, exclusive=True)
     except FileExistsError:
         raise Qcow2Error(f"overlay {overlay_path!r} already exists") from None
-    # The overlay holds the same guest's data: no wider access than its image
-    # (and always writable by its owner).
-    os.chmod(overlay_path, (stat.S_IMODE(os.stat(image_path).st_mode) & 0o666) | 0o600)
-    return os.open(overlay_path, os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        _remove(overlay_path)   # created here (exclusively), then not written whole (ENOSPC, ...)
+        raise
+    try:
+        # The overlay holds the same guest's data: no wider access than its image
+        # (and always writable by its owner).
+        os.chmod(overlay_path, (stat.S_IMODE(os.stat(image_path).st_mode) & 0o666) | 0o600)
+        return os.open(overlay_path, os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        _remove(overlay_path)
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def send_fd(sock: socket.socket, fd: int) -> None:

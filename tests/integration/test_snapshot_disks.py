@@ -336,3 +336,74 @@ def test_raw_disk_and_bad_parameters_are_refused_with_nothing_changed(tmp_path, 
         assert json.loads((snap / "manifest.json").read_text())["format_version"] == 1
     finally:
         shutdown(vm)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs (mounted here, unmounted after the test)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_a_switch_failing_midway_leaves_the_vm_running_on_consistent_disks(tmp_path, blkwriter, small_fs):
+    disk_dir = tmp_path / "disks"
+    disk_dir.mkdir()
+    d2, d3 = disk_dir / "d2.qcow2", small_fs / "d3.qcow2"
+    qemu_img("create", "-f", "qcow2", d2, "16M")
+    qemu_img("create", "-f", "qcow2", d3, "16M")
+    filler = small_fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)   # the second disk's file system is full
+    try:
+        while os.write(fd, b"\xff" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    vm = start(tmp_path / "a", blkwriter, f"2,virtio-blk,{d2},format=qcow2", f"3,virtio-blk,{d3},format=qcow2")
+    vm2 = None
+    try:
+        vm.wait_api()
+        vm.wait_for("GEN 2\n", 60)
+        snap = tmp_path / "snap"
+        with pytest.raises(RpcError) as exc:
+            vm.rpc("snapshot.create", {"path": str(snap), "disks": "overlay"}, timeout=120)
+        msg = str(exc.value)
+        assert "slot 3.0" in msg and "cannot create the overlay" in msg, msg
+        ov2 = [p for p in disk_dir.iterdir() if p.name.startswith("d2.snap-")]
+        assert len(ov2) == 1 and f"staying on their overlays: {ov2[0]}" in msg, msg
+        assert not snap.exists() and not (snap / "manifest.json.sha256").exists()
+        assert sorted(p.name for p in small_fs.iterdir()) == ["d3.qcow2", "filler"]
+        info = vm.rpc("vm.info")
+        assert info["state"] == "running" and info["snapshot"] is None
+        # The guest writes on: disk 2 into its (new) overlay, the image it had is untouched.
+        base_sha = sha256(d2)
+        wait_passes(vm, 2)
+        assert sha256(d2) == base_sha
+        # With room again, the next checkpoint works: disk 2's overlay is frozen in turn.
+        filler.unlink()
+        r = vm.rpc("snapshot.create", {"path": str(snap), "disks": "overlay"}, timeout=120)
+        assert r["disks"]["2.0"]["frozen"] == str(ov2[0]) and r["disks"]["3.0"]["frozen"] == str(d3)
+        gen_r, i_r = ram_vars(snap)
+        p = position(gens(ov2[0], tmp_path))
+        assert p in ((gen_r - 1) * NSECT + i_r, (gen_r - 1) * NSECT + i_r + 1)
+        vm2 = restore(tmp_path / "r", snap)
+        vm2.wait_api()
+        wait_passes(vm2, 2)
+    finally:
+        shutdown(vm)
+        if vm2 is not None:
+            shutdown(vm2)
+    images = [*disk_dir.iterdir(), *small_fs.iterdir()]
+    assert len(images) == 2 + 3 + 2      # images, source overlays (d2: two), restore overlays
+    check_clean(*images)
+    rst = next(p for p in disk_dir.iterdir() if p.name.startswith("d2.snap-") and ".restore-" in p.name)
+    assert position(gens(rst, tmp_path)) > p
