@@ -154,7 +154,11 @@ def test_freeze_switches_every_disk_and_records_them(tmp_path):
     m, devs = _machine_live(tmp_path, [None, None])
     plans = diskio.plan(m, devs)
     assert [p.mode for p in plans] == ["overlay", "overlay"]
-    entries = diskio.freeze(m, plans, "snap-1")
+    diskio.prepare_overlays(plans, "snap-1")
+    assert all(os.path.exists(p.overlay) and p.fd is not None for p in plans)
+    entries = diskio.freeze(m, plans)
+    diskio.discard(plans)
+    assert all(p.fd is None and os.path.exists(p.overlay) for p in plans)
     for i, dev in enumerate(devs):
         old = str(tmp_path / f"d{i}.qcow2")
         new = str(tmp_path / f"d{i}.snap-1.qcow2")
@@ -173,8 +177,10 @@ def test_freeze_switches_every_disk_and_records_them(tmp_path):
 def test_a_switch_failing_midway_leaves_consistent_disks(tmp_path, failure):
     m, devs = _machine_live(tmp_path, [None, failure])
     plans = diskio.plan(m, devs)
+    diskio.prepare_overlays(plans, "snap-1")
     with pytest.raises(SnapshotError) as exc:
-        diskio.freeze(m, plans, "snap-1")
+        diskio.freeze(m, plans)
+    diskio.discard(plans)
     msg = str(exc.value)
     first = str(tmp_path / "d0.snap-1.qcow2")
     assert "slot 3.0" in msg and f"already switched, and staying on their overlays: {first}" in msg
@@ -236,7 +242,22 @@ def test_restore_makes_an_overlay_per_frozen_image_and_names_it_in_the_config(tm
 
 def test_an_fd_that_cannot_be_sent_removes_the_overlay(tmp_path):
     m, devs = _machine(tmp_path, [None])   # the device's end is closed
+    plans = diskio.plan(m, devs)
+    diskio.prepare_overlays(plans, "snap-1")
     with pytest.raises(SnapshotError, match="slot 2.0"):
-        diskio.freeze(m, diskio.plan(m, devs), "snap-1")
+        diskio.freeze(m, plans)
+    diskio.discard(plans)
     assert devs[0].switched == [] and not (tmp_path / "d0.snap-1.qcow2").exists()
     assert m.cfg.slots[0].args[0] == str(tmp_path / "d0.qcow2")
+
+
+def test_an_overlay_that_cannot_be_made_removes_the_others(tmp_path):
+    m, devs = _machine_live(tmp_path, [None, None])
+    plans = diskio.plan(m, devs)
+    (tmp_path / "d1.snap-1.qcow2").write_bytes(b"in the way")
+    with pytest.raises(SnapshotError, match=r"slot 3.0: cannot create the overlay .*already exists"):
+        diskio.prepare_overlays(plans, "snap-1")
+    assert not (tmp_path / "d0.snap-1.qcow2").exists()
+    assert (tmp_path / "d1.snap-1.qcow2").read_bytes() == b"in the way"   # not ours: left alone
+    assert all(p.fd is None and p.overlay is None for p in plans)
+    assert [d.switched for d in devs] == [[], []]

@@ -41,7 +41,8 @@ CREATE_RESULT = {
         "type": {"type": "string", "enum": ["full", "diff"]},
         "ram_bytes_written": {"type": "integer", "minimum": 0},
         "paused_ms": {"type": "number"}, "total_ms": {"type": "number"},
-        "phases_ms": {"type": "object", "description": "capture (devices, vCPUs, VM), ram, commit (fsync)"},
+        "phases_ms": {"type": "object", "description": "capture (devices, vCPUs, VM; includes disks), ram, commit (fsync); "
+                                                       "disks (disks=overlay: the switch to overlays)"},
         "state": {"type": "string"},
         "disks": {"type": "object", "description": "disks=overlay: per PCI slot.function, "
                   "{mode: overlay|read-only, frozen: the image the snapshot keeps, now: the image the VM runs on}"},

@@ -120,6 +120,12 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
     disk_plans = (await loop.run_in_executor(None, diskio.plan, machine, devices)
                   if disks == "overlay" else None)
     writer = await loop.run_in_executor(None, SnapshotWriter, path)
+    if disk_plans:
+        try:  # the overlays are made (and durable) before the pause; only the switch is in it
+            await loop.run_in_executor(None, diskio.prepare_overlays, disk_plans, f"snap-{snap_id[:8]}")
+        except BaseException:
+            shutil.rmtree(writer.path, ignore_errors=True)
+            raise
     was_running = machine.state == "running"
     paused_at = None
     try:
@@ -137,8 +143,10 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
             # Devices quiesced, nothing in flight: the images are the disks as
             # the saved states and RAM see them; freeze them now.
             progress["phase"] = "disks"
-            disk_entries = await loop.run_in_executor(None, diskio.freeze, machine, disk_plans,
-                                                      f"snap-{snap_id[:8]}")
+            t_disks = time.monotonic()
+            disk_entries = await loop.run_in_executor(None, diskio.freeze, machine, disk_plans)
+            diskio.discard(disk_plans)  # (every one switched: closes vmmd's fds, removes nothing)
+            disks_ms = (time.monotonic() - t_disks) * 1000
         progress["phase"] = "vcpus"
         kvm = machine.kvm
         msrs = kvm.msr_index_list()
@@ -195,6 +203,10 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         start_tracking(machine, snap_id)
     except BaseException:
         progress["phase"] = "failed"
+        if disk_plans:
+            diskio.discard(disk_plans)
+            log.warning("snapshot failed; the disks now run on %s",
+                        ", ".join(str(p.dev.spec.options.get("path")) for p in disk_plans))
         await _resume(machine, devices, was_running)
         shutil.rmtree(writer.path, ignore_errors=True)  # never leave a half-written snapshot
         raise
@@ -225,7 +237,8 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
             "total_ms": round((now - t0) * 1000, 1),
             "phases_ms": {"capture": round((t_capture - paused_at) * 1000, 1),
                           "ram": round((t_ram - t_capture) * 1000, 1),
-                          "commit": round((now - t_commit) * 1000, 1)},
+                          "commit": round((now - t_commit) * 1000, 1),
+                          **({"disks": round(disks_ms, 1)} if disk_entries is not None else {})},
             "state": machine.state}
 
 

@@ -104,6 +104,10 @@ class DiskPlan:
     path: str            # the disk's current image (absolute)
     mode: str            # "overlay" | "read-only"
     fmt: str             # "qcow2" | "raw"
+    overlay: str | None = None   # made by prepare_overlays(), before the pause
+    fd: int | None = None
+    switched: bool = False
+    maybe_open: bool = False     # the switch failed in a way that may have opened it
 
 
 def probe_format(path: str) -> str:
@@ -161,52 +165,77 @@ def _use_image(machine, dev, path: str) -> None:
     machine.cfg = dataclasses.replace(machine.cfg, slots=slots)
 
 
-def switch_one(machine, p: DiskPlan, tag: str) -> str:
-    """Create the overlay, hand its fd to the device, switch (blocking: run it in
-    an executor). Returns the overlay's path; raises SnapshotError with the
-    disk left on its old image."""
+def prepare_overlays(plans: list[DiskPlan], tag: str) -> None:
+    """Create each qcow2 disk's empty overlay (and make it durable) before the
+    VM is paused: only the switch itself happens in the pause. SnapshotError
+    (with every overlay made so far removed) if one cannot be made."""
     from devices.virtio_blk.qcow2.format import Qcow2Error
     from vmmd import disk_overlay
-    overlay = disk_overlay.overlay_path_for(p.path, tag)
     try:
-        fd = disk_overlay.create_overlay(p.path, overlay)
-    except (Qcow2Error, OSError) as exc:
-        raise SnapshotError(f"disk in slot {p.instance}: cannot create the overlay {overlay}: {exc}") from None
+        for p in plans:
+            if p.mode != "overlay":
+                continue
+            path = disk_overlay.overlay_path_for(p.path, tag)
+            try:
+                p.fd = disk_overlay.create_overlay(p.path, path)
+                p.overlay = path
+                _fsync_dir(path)
+            except (Qcow2Error, OSError) as exc:
+                raise SnapshotError(f"disk in slot {p.instance}: cannot create the overlay {path}: {exc}") from None
+    except BaseException:
+        discard(plans)
+        raise
+
+
+def switch_one(machine, p: DiskPlan) -> None:
+    """Hand the prepared overlay's fd to the device and switch (devices
+    quiesced; blocking: run it in an executor). SnapshotError with the disk
+    on its old image."""
     from bus.endpoint import DeviceControlError
+    from vmmd import disk_overlay
     try:
-        _fsync_dir(overlay)
-        disk_overlay.send_fd(machine.fdpass[p.dev.spec.id], fd)
-        p.dev.control("device", {"op": "switch_overlay", "args": {"path": overlay}})
+        disk_overlay.send_fd(machine.fdpass[p.dev.spec.id], p.fd)
+        p.dev.control("device", {"op": "switch_overlay", "args": {"path": p.overlay}})
     except Exception as exc:
         # A refusal (DeviceControlError) means the device never took the
-        # overlay: remove it. Anything else (timeout, device gone) leaves
-        # the file: the incarnation may have switched before it failed, and
-        # the supervisor restarts it on the configured (old) image.
-        if isinstance(exc, (DeviceControlError, OSError)):
+        # overlay. Anything else (timeout, device gone) may have come after
+        # the incarnation switched: keep the file (the supervisor restarts
+        # the device on its configured, old, image).
+        p.maybe_open = not isinstance(exc, (DeviceControlError, OSError))
+        raise SnapshotError(f"disk in slot {p.instance}: the switch to an overlay failed: {exc}") from None
+    p.switched = True
+    _use_image(machine, p.dev, p.overlay)
+    log.info("disk in slot %s: %s is frozen for the snapshot, writes go to %s", p.instance, p.path, p.overlay)
+
+
+def discard(plans: list[DiskPlan]) -> None:
+    """Close the overlays' fds; remove the ones no device switched to."""
+    for p in plans or ():
+        if p.fd is not None:
+            os.close(p.fd)
+            p.fd = None
+        if p.overlay and not p.switched and not p.maybe_open:
             try:
-                os.unlink(overlay)
+                os.unlink(p.overlay)
             except OSError:
                 pass
-        raise SnapshotError(f"disk in slot {p.instance}: the switch to an overlay failed: {exc}") from None
-    finally:
-        os.close(fd)
-    _use_image(machine, p.dev, overlay)
-    log.info("disk in slot %s: %s is frozen for the snapshot, writes go to %s", p.instance, p.path, overlay)
-    return overlay
+            p.overlay = None
 
 
-def freeze(machine, plans: list[DiskPlan], tag: str) -> dict:
-    """Switch every planned disk (devices quiesced); returns the manifest's
-    "disks". A failure midway leaves the disks switched so far on their
-    (empty, consistent) overlays and the rest on their images."""
-    entries, switched = {}, []
+def freeze(machine, plans: list[DiskPlan]) -> dict:
+    """Switch every planned disk to its prepared overlay (devices quiesced);
+    returns the manifest's "disks". A failure midway leaves the disks switched
+    so far on their (empty, consistent) overlays and the rest on their images
+    (the caller's discard() removes their overlays)."""
+    entries = {}
     for p in plans:
         if p.mode == "overlay":
             try:
-                switched.append(switch_one(machine, p, tag))
+                switch_one(machine, p)
             except SnapshotError as exc:
-                done = f" (already switched, and staying on their overlays: {', '.join(switched)})" if switched else ""
-                raise SnapshotError(f"{exc}{done}") from None
+                done = [q.overlay for q in plans if q.switched]
+                more = f" (already switched, and staying on their overlays: {', '.join(done)})" if done else ""
+                raise SnapshotError(f"{exc}{more}") from None
         try:
             ident = identity(p.path)
         except OSError as exc:
