@@ -41,7 +41,8 @@ from tests.guests.build import build_guest  # noqa: E402
 from tests.vmmd_process import VmmdProcess  # noqa: E402
 
 RESTORED = re.compile(r"restore: vCPUs started at monotonic ([\d.]+), ([\d.]+) ms after main\(\) "
-                      r"\(snapshot checks ([\d.]+) ms")
+                      r"\(snapshot checks ([\d.]+) ms, RAM ([\d.]+) ms, device processes started in "
+                      r"([\d.]+) ms")
 
 
 def _kill(vm: VmmdProcess) -> None:
@@ -69,7 +70,7 @@ def restore_ms(snap: str, work: str) -> dict:
     finally:
         _kill(vm)
     return {"from_spawn_ms": (float(m.group(1)) - t_spawn) * 1000, "from_main_ms": float(m.group(2)),
-            "checks_ms": float(m.group(3))}
+            "checks_ms": float(m.group(3)), "devices_spawn_ms": float(m.group(5))}
 
 
 def main() -> int:
@@ -122,7 +123,7 @@ def main() -> int:
             vals = [r[k] for r in results[mode]]
             cells.append(f"{mode} {statistics.median(vals):7.1f} ({min(vals):.1f}-{max(vals):.1f})")
         print(f"  create {k:12s} " + "   ".join(cells))
-    for k in ("from_spawn_ms", "from_main_ms", "checks_ms"):
+    for k in ("from_spawn_ms", "from_main_ms", "checks_ms", "devices_spawn_ms"):
         print(f"  restore {k:13s} " + "   ".join(f"{m} {restores[m][k]:7.1f}" for m in ("shared", "overlay")))
     return 0
 
