@@ -109,6 +109,7 @@ def main() -> int:
         for mode in ("overlay", "shared"):
             runs = [restore_ms(last[mode], os.path.join(work, f"r-{mode}-{i}")) for i in range(args.restores)]
             restores[mode] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            restores[mode]["runs_from_spawn_ms"] = [round(r["from_spawn_ms"]) for r in runs]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()
