@@ -18,8 +18,8 @@ Restoring creates a new overlay on each frozen image (or on the image
 never share a writable file and the frozen image is never written.
 
 Identity of a frozen image: its file size, mtime (ns) and the SHA-256 of its
-first cluster (the qcow2 header, its extensions and the backing name); a
-changed file is refused on restore. A copy given with --disk has its own
+first 64 KiB (the qcow2 header with its extensions and backing name, and
+whatever tables follow in that range); a changed file is refused on restore. A copy given with --disk has its own
 mtime: only size and header are compared.
 """
 
@@ -37,8 +37,7 @@ from vmmd.snapshot.format import SnapshotError
 log = logging.getLogger(__name__)
 
 DISK_MODES = ("shared", "overlay")
-HEADER_BYTES = 65536            # hashed for the identity (a qcow2 header cluster at the default size)
-QCOW2_MAGIC = b"QFI\xfb"
+HEADER_BYTES = 65536            # hashed for the identity (the header cluster at the default cluster size)
 ENTRY_MODES = ("overlay", "read-only")
 
 
@@ -113,7 +112,7 @@ class DiskPlan:
 def probe_format(path: str) -> str:
     try:
         with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+            return "qcow2" if f.read(4) == blkopts.QCOW2_MAGIC else "raw"
     except OSError as exc:
         raise SnapshotError(f"disk image {path}: {exc.strerror}") from None
 
