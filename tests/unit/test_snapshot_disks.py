@@ -35,6 +35,8 @@ def test_check_entries_accepts_good_and_refuses_malformed():
         ([], "must be an object"),
         ({"2": _entry()}, "slot.function"),
         ({"40.0": _entry()}, "slot.function"),
+        ({"02.0": _entry()}, "slot.function"),
+        ({"\u0661.0": _entry()}, "slot.function"),
         ({"2.0": "x"}, "not an object"),
         ({"2.0": _entry(mode="copy")}, "mode"),
         ({"2.0": _entry(path="rel/disk.qcow2")}, "absolute"),
@@ -217,6 +219,9 @@ def test_restore_makes_an_overlay_per_frozen_image_and_names_it_in_the_config(tm
     ro.write_bytes(b"\0" * 4096)
     disks = {"2.0": {"mode": "overlay", "path": str(frozen), "format": "qcow2", **diskio.identity(str(frozen))},
              "3.0": {"mode": "read-only", "path": str(ro), "format": "raw", **diskio.identity(str(ro))}}
+    cfg0 = VmConfig(slots=(SlotConfig(2, 0, "virtio-blk", (str(frozen),)),))
+    with pytest.raises(SnapshotError, match=r"\['3.0'\] name no virtio-blk"):
+        diskio.check_for_restore(disks, {}, cfg0)
     plan = diskio.check_for_restore(disks, {})
     assert [d.base for d in plan] == [str(frozen), str(ro)]
     diskio.create_restore_overlays(plan, "0123456789")
@@ -261,3 +266,23 @@ def test_an_overlay_that_cannot_be_made_removes_the_others(tmp_path):
     assert (tmp_path / "d1.snap-1.qcow2").read_bytes() == b"in the way"   # not ours: left alone
     assert all(p.fd is None and p.overlay is None for p in plans)
     assert [d.switched for d in devs] == [[], []]
+
+
+def test_check_entries_raises_only_snapshot_errors_on_random_input():
+    import random
+    rnd = random.Random(12)
+    values = [None, True, 0, -1, 2**70, 1.5, "", "x", "/abs", "3.0", [], {}, ["a"], {"a": 1}, "ab" * 32]
+    keys = ["mode", "path", "format", "file_size", "mtime_ns", "header_sha256", "extra"]
+    for _ in range(3000):
+        e = _entry()
+        for _ in range(rnd.randrange(1, 4)):
+            k = rnd.choice(keys)
+            if rnd.random() < 0.2:
+                e.pop(k, None)
+            else:
+                e[k] = rnd.choice(values)
+        doc = {rnd.choice(["2.0", "31.7", "0.0", "2.8", "x", "", "2.0.0", "١.0"]): e}
+        try:
+            diskio.check_entries(doc)
+        except SnapshotError:
+            pass

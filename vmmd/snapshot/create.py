@@ -229,7 +229,8 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
     out_disks = None
     if disk_entries is not None:
         out_disks = {inst: {"frozen": e["path"], "mode": e["mode"],
-                            "now": next((d.dev.spec.options["path"] for d in disk_plans if d.instance == inst), None)}
+                            "now": next((os.path.abspath(d.dev.spec.options["path"]) for d in disk_plans
+                                         if d.instance == inst), None)}
                      for inst, e in disk_entries.items()}
     return {"path": os.path.abspath(path), "id": snap_id, "type": "diff" if parent else "full",
             **({"disks": out_disks} if out_disks is not None else {}),

@@ -74,7 +74,8 @@ def check_entries(disks) -> dict:
     for inst, e in disks.items():
         w = f"manifest: disks[{inst!r}]"
         slot, dot, fn = inst.partition(".")
-        if not (dot and slot.isdigit() and fn.isdigit() and 0 < int(slot) < 32 and int(fn) < 8):
+        if not (dot and slot.isascii() and fn.isascii() and slot.isdigit() and fn.isdigit()
+                and f"{int(slot)}.{int(fn)}" == inst and 0 < int(slot) < 32 and int(fn) < 8):
             raise SnapshotError(f"{w}: the key must be a PCI slot.function")
         if not isinstance(e, dict):
             raise SnapshotError(f"{w}: not an object")
@@ -267,9 +268,14 @@ class RestoreDisk:
     overlay: str | None = None
 
 
-def check_for_restore(disks: dict, overrides: dict[int, str]) -> list[RestoreDisk]:
+def check_for_restore(disks: dict, overrides: dict[int, str], cfg=None) -> list[RestoreDisk]:
     """Each recorded disk's image (or its --disk override) is still the image
     the snapshot recorded; SnapshotError otherwise. Creates nothing."""
+    if cfg is not None:
+        blk = {f"{s.slot}.{s.function}" for s in cfg.slots if s.device == "virtio-blk"}
+        stray = sorted(set(disks) - blk)
+        if stray:
+            raise SnapshotError(f"manifest: disks {stray} name no virtio-blk of the configuration")
     out = []
     for inst, e in sorted(disks.items()):
         slot = int(inst.split(".")[0])

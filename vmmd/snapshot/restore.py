@@ -132,7 +132,7 @@ def prepare(req: RestoreRequest) -> Prepared:
                                     consoles=req.consoles or {}, scalars=scalars)
     # Disk checkpoints: each frozen image (or its --disk override) still the
     # one the snapshot recorded; the new overlays are made once all else checked.
-    disk_plan = diskio.check_for_restore(tip.manifest.get("disks") or {}, req.disks or {})
+    disk_plan = diskio.check_for_restore(tip.manifest.get("disks") or {}, req.disks or {}, cfg)
     check_sections(tip, cfg)
     mem_doc = tip.manifest["memory"]
     if mem_doc["size"] != cfg.memory:
