@@ -398,8 +398,9 @@ def test_an_overlay_that_cannot_be_made_fails_the_snapshot_with_nothing_changed(
         assert r["disks"]["2.0"]["frozen"] == str(d2) and r["disks"]["3.0"]["frozen"] == str(d3)
         ov2 = [Path(r["disks"]["2.0"]["now"])]
         wait_passes(vm, 1)
-        r = vm.rpc("snapshot.create", {"path": str(snap), "disks": "overlay"}, timeout=120)
-        assert r["disks"]["2.0"]["frozen"] == str(ov2[0])
+        r = vm.rpc("snapshot.create", {"path": str(snap), "disks": "overlay",   # a diff on top
+                                       "diff_from": str(tmp_path / "snap1")}, timeout=120)
+        assert r["type"] == "diff" and r["disks"]["2.0"]["frozen"] == str(ov2[0])
         gen_r, i_r = ram_vars(snap)
         p = position(gens(ov2[0], tmp_path))
         assert p in ((gen_r - 1) * NSECT + i_r, (gen_r - 1) * NSECT + i_r + 1)
