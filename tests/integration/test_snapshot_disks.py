@@ -358,7 +358,7 @@ def test_an_overlay_that_cannot_be_made_fails_the_snapshot_with_nothing_changed(
     """The second disk's file system is full: its overlay cannot be made. The
     overlays are made before the VM is paused, so the snapshot fails with no
     disk switched, no overlay left and the VM running on. (A switch refused
-    by a device inside the pause: tests/unit/test_snapshot_disks.py.)"""
+    by a device inside the pause: tests/unit/test_disk_checkpoints.py.)"""
     disk_dir = tmp_path / "disks"
     disk_dir.mkdir()
     d2, d3 = disk_dir / "d2.qcow2", small_fs / "d3.qcow2"
