@@ -88,9 +88,10 @@ def page_runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
         yield s, e - s
 
 
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data (non-hole) extents of fd within [0, size), page aligned."""
-    pos = 0
+def data_extents(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data (non-hole) extents of fd within [start, size), page aligned
+    (start a multiple of the page size)."""
+    pos = start
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
