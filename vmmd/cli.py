@@ -136,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except ConfigError as exc:   # found while setting up, before any device process
         print(error_line(exc), file=sys.stderr)
+        if hasattr(prepared, "discard_overlays"):
+            prepared.discard_overlays()
         return 2
     except SnapshotError as exc:  # refused by a device or KVM while restoring: torn down, nothing ran
         print(error_line(exc), file=sys.stderr)
+        if hasattr(prepared, "discard_overlays"):
+            prepared.discard_overlays()
         code = 2
     except Exception as exc:
         logging.getLogger("vmmd").error("%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))

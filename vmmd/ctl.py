@@ -224,9 +224,15 @@ def _snapshot_with_progress(args: argparse.Namespace, path: str, method: str, pa
 
 
 def _show_snapshot(r: dict) -> str:
-    return (f"snapshot {r.get('type')} {r.get('id')} written to {r.get('path')}: "
-            f"{_bytes(r.get('ram_bytes_written', 0))} of RAM, VM paused {r.get('paused_ms')} ms, "
-            f"now {r.get('state')}")
+    lines = [f"snapshot {r.get('type')} {r.get('id')} written to {r.get('path')}: "
+             f"{_bytes(r.get('ram_bytes_written', 0))} of RAM, VM paused {r.get('paused_ms')} ms, "
+             f"now {r.get('state')}"]
+    for inst, d in sorted((r.get("disks") or {}).items()):
+        if d.get("mode") == "overlay":
+            lines.append(f"disk {inst}: {d.get('frozen')} frozen for the snapshot, writes go to {d.get('now')}")
+        else:
+            lines.append(f"disk {inst}: {d.get('frozen')} ({d.get('mode')}) recorded")
+    return "\n".join(lines)
 
 
 def _migration_line(st: dict) -> str:
@@ -315,9 +321,13 @@ COMMANDS: list[Command] = [
     Command("snapshot", "save the VM to a directory (resumes it unless --stop)", "snapshot.create",
             args=(Arg("dir", "new or empty directory for the snapshot", metavar="DIR"),),
             flags=((("--stop",), {"action": "store_true", "help": "leave the VM paused afterwards"}),
-                   (("--diff-from",), {"metavar": "DIR", "help": "only pages dirtied since this snapshot"})),
+                   (("--diff-from",), {"metavar": "DIR", "help": "only pages dirtied since this snapshot"}),
+                   (("--disks",), {"choices": ("shared", "overlay"),
+                                   "help": "overlay: each qcow2 disk switches to a new overlay, the "
+                                           "snapshot keeps the image as it was (default shared)"})),
             params=lambda a: {"path": os.path.abspath(a.dir), "resume": not a.stop,
-                              **({"diff_from": os.path.abspath(a.diff_from)} if a.diff_from else {})},
+                              **({"diff_from": os.path.abspath(a.diff_from)} if a.diff_from else {}),
+                              **({"disks": a.disks} if a.disks else {})},
             run=_snapshot_with_progress, show=_show_snapshot),
     Command("migrate", "live-migrate the VM to a `vmmd --incoming URI` destination", "migration.start",
             args=(Arg("uri", "unix:PATH or tcp:HOST:PORT", metavar="URI"),),

@@ -263,7 +263,7 @@ class ManagedDevice:
             "generation": self.generation,
             "last_exit": self.last_exit,
             "ranges": [{"space": r.space.name, "base": r.base, "length": r.length} for r in self.ranges],
-            "fast_path": bool(self.fds),
+            "fast_path": any(k.startswith(("irqfd.", "ioeventfd.", "intx")) for k in self.fds),
             "refused": dict(self.refused),
             "refused_total": self.count_refusal(),
             "log_lines_suppressed": self.log_lines_suppressed(),

@@ -1,21 +1,15 @@
 """vmmd's half of disk checkpoints: qcow2 disks switch to a fresh external overlay.
 
-How snapshot.create ("disks": "overlay") uses it, per qcow2 virtio-blk device:
+The primitives snapshot.create {"disks": "overlay"} is built from
+(vmmd/snapshot/disks.py puts them together; docs/snapshot.md):
 
-  at start-up (Machine.start, next to the virtio-net backend fds; before the
-  device's first incarnation is spawned):
-      vmm_end, dev_end = fdpass_pair()
-      dev.fds["fdpass"] = dev_end          # bootstrap "fds": the device keeps it
-      keep vmm_end per device
-
-  at the snapshot point (VM paused, devices quiesced, before RAM is saved):
-      path = overlay_path_for(image_path, snapshot_name)
-      fd = create_overlay(image_path, path)        # empty, backing = image_path
-      send_fd(vmm_end, fd); os.close(fd)
-      await _device_call(dev, "device", {"op": "switch_overlay", "args": {"path": path}})
-      spec.options["args"][0] = spec.options["path"] = path   # restarts open the overlay
-  and record image_path in the snapshot: restoring it means pointing the disk
-  at a new overlay over image_path (the image as it was at the snapshot).
+  at start-up (Machine.run, before a virtio-blk's first incarnation):
+      vmm_end, dev_end = fdpass_pair()     # dev_end: bootstrap fd "fdpass", the device keeps it
+  at the snapshot point (VM paused, devices quiesced):
+      fd = create_overlay(image_path, overlay_path_for(image_path, tag))  # empty, backing = image
+      send_fd(vmm_end, fd)
+      CONTROL device {"op": "switch_overlay", "args": {"path": ...}}
+  restore: create_overlay() again on the frozen image, and the disk opens that.
 
 The device refuses an overlay that is not empty, has another size or no
 backing file (devices/virtio_blk/model.py, VirtioBlkDevice.device_control).
@@ -25,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 
 from devices.virtio_blk.qcow2.format import Qcow2Error
 from devices.virtio_blk.qcow2.image import create_qcow2, open_image
@@ -55,7 +50,24 @@ def create_overlay(image_path: str, overlay_path: str) -> int:
         create_qcow2(overlay_path, size, backing_file=name, backing_format=fmt_name, exclusive=True)
     except FileExistsError:
         raise Qcow2Error(f"overlay {overlay_path!r} already exists") from None
-    return os.open(overlay_path, os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        _remove(overlay_path)   # created here (exclusively), then not written whole (ENOSPC, ...)
+        raise
+    try:
+        # The overlay holds the same guest's data: no wider access than its image
+        # (and always writable by its owner).
+        os.chmod(overlay_path, (stat.S_IMODE(os.stat(image_path).st_mode) & 0o666) | 0o600)
+        return os.open(overlay_path, os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        _remove(overlay_path)
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def send_fd(sock: socket.socket, fd: int) -> None:

@@ -58,6 +58,8 @@ class Machine:
         self.snapshot_progress: dict | None = None  # snapshot.create in progress (vm.info)
         self.snapshot_base: str | None = None  # id of the snapshot diffs can be taken from
         self.kvm_dirty = None  # vmmd.snapshot.kvm_dirty.KvmDirtyLog once tracking started
+        # vmmd's end of each virtio-blk's fd channel (disk checkpoints: vmmd/disk_overlay.py)
+        self.fdpass: dict = {}
         self._restored = False
         self.time_plan = None
         self.state = "created"
@@ -117,6 +119,8 @@ class Machine:
                 spec.max_state = STATE_LIMITS.get(spec.kind, DEFAULT_STATE_LIMIT)
                 dev = self.supervisor.add(spec)
                 dev.fds.update(host_fds.get(spec.id, {}))
+                if spec.kind == "virtio_blk":
+                    self._add_fdpass(dev)
                 await self.supervisor.start(dev)
             t_restore = time.monotonic()
             incoming = getattr(self.restore_from, "incoming", None)  # vmmd --incoming
@@ -198,6 +202,15 @@ class Machine:
                      "pci": {"vectors": queues + 1, "queues": queues, "intx_pin": 1}},
             allowed_gsis=frozenset({gsi}), needs_memory=True,
             pci=PciExpect(vectors=queues + 1, queues=queues, intx=True))
+
+    def _add_fdpass(self, dev) -> None:
+        """A socket pair per virtio-blk, made before its first incarnation: the
+        device keeps its end (bootstrap fd "fdpass"), vmmd sends overlay fds on
+        the other (snapshot.create with disks=overlay)."""
+        from vmmd.disk_overlay import fdpass_pair
+        vmm_end, dev_end = fdpass_pair()
+        dev.fds["fdpass"] = dev_end
+        self.fdpass[dev.spec.id] = vmm_end
 
     def _virtio_net_spec(self, slot) -> DeviceSpec:
         """`-s N,virtio-net,tap=NAME|socket=PATH[,mac=..][,...]`: the device parses its
@@ -298,6 +311,9 @@ class Machine:
         self._close_vm()
         if self.supervisor:
             self.supervisor.close()
+        for sock in self.fdpass.values():
+            sock.close()
+        self.fdpass.clear()
         shutil.rmtree(self.rundir, ignore_errors=True)
 
     def _finish(self, code: int) -> None:
@@ -392,7 +408,8 @@ class Machine:
             self.control.resume()
             self.state = "running"
 
-    async def snapshot(self, path: str, resume: bool = True, diff_from: str | None = None) -> dict:
+    async def snapshot(self, path: str, resume: bool = True, diff_from: str | None = None,
+                       disks: str = "shared") -> dict:
         """JSON-RPC snapshot.create (vmmd/snapshot/create.py)."""
         from vmmd.snapshot import create as snapcreate
         from vmmd.snapshot.format import SnapshotError
@@ -401,7 +418,7 @@ class Machine:
             if self.state not in ("running", "paused"):
                 raise VmStateError(f"cannot snapshot a VM that is {self.state}")
             try:
-                return await snapcreate.create(self, path, resume, diff_from)
+                return await snapcreate.create(self, path, resume, diff_from, disks)
             except (SnapshotError, OSError) as exc:
                 raise VmStateError(f"snapshot failed: {exc}") from None
             except Exception as exc:  # a device gone mid-way, ...: the VM is resumed, the directory removed

@@ -275,23 +275,36 @@ class BlkCore:
 # --- the device ------------------------------------------------------------------------
 
 
-def receive_fd(sock_fd: int | None) -> int:
-    """One fd vmmd already sent on the fdpass socket (never blocks)."""
-    if sock_fd is None:
-        raise ValueError("switch_overlay: this device has no fdpass socket")
-    sock = socket.socket(fileno=sock_fd)
-    try:
-        try:
-            # (socket.recv_fds ignores its flags before Python 3.12: recvmsg itself)
-            _, anc, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(2 * 4), socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            raise ValueError("switch_overlay: no overlay fd was sent") from None
-    finally:
-        sock.detach()
+def _fds_of(anc) -> list[int]:
     fds = []
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
+    return fds
+
+
+def receive_fd(sock_fd: int | None) -> int:
+    """The fd vmmd sent last on the fdpass socket (never blocks). Older
+    messages (an fd sent for a switch that was refused before it read it)
+    are dropped, so a stale overlay is never taken for the new one."""
+    if sock_fd is None:
+        raise ValueError("switch_overlay: this device has no fdpass socket")
+    sock = socket.socket(fileno=sock_fd)
+    fds: list[int] | None = None
+    try:
+        for _ in range(64):
+            try:
+                # (socket.recv_fds ignores its flags before Python 3.12: recvmsg itself)
+                _, anc, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(2 * 4), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            for fd in fds or ():
+                os.close(fd)
+            fds = _fds_of(anc)
+    finally:
+        sock.detach()
+    if fds is None:
+        raise ValueError("switch_overlay: no overlay fd was sent")
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)

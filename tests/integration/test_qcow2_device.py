@@ -207,6 +207,11 @@ def test_switch_to_overlay_checkpoints_the_disk(harness, tmp_path):
     with pytest.raises(Exception, match="no overlay fd"):
         dev.control("device", {"op": "switch_overlay", "args": {"path": "x"}})
     ov = str(tmp_path / "disk.snap1.qcow2")
+    stale = str(tmp_path / "stale.qcow2")       # an fd left queued (a refused switch): never used
+    qemu_img("create", "-f", "qcow2", stale, "4M")
+    sfd = os.open(stale, os.O_RDWR)
+    send_fd(vmm_end, sfd)
+    os.close(sfd)
     fd = create_overlay(base, ov)
     send_fd(vmm_end, fd)
     os.close(fd)

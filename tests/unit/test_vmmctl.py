@@ -250,3 +250,24 @@ def test_snapshot_command_shows_progress_and_passes_options(api, capsys, tmp_pat
     assert calls == [(str(tmp_path / "s"), False, str(tmp_path / "p"))]
     assert "snapshot diff abc" in out and "now paused" in out
     assert "ram:  50% (256/512 MiB)" in err
+
+
+def test_snapshot_disks_overlay_is_passed_and_shown(api, capsys, tmp_path):
+    path, vm = api
+    calls = []
+
+    async def snapshot(p, resume=True, diff_from=None, disks="shared"):
+        calls.append(disks)
+        return {"path": p, "id": "abc", "type": "full", "ram_bytes_written": 0, "paused_ms": 1.0,
+                "state": "running",
+                "disks": {"2.0": {"mode": "overlay", "frozen": "/d/a.qcow2", "now": "/d/a.snap-x.qcow2"}}}
+
+    vm.snapshot = snapshot
+    code, out, err = vmmctl(capsys, "--api-socket", path, "snapshot", str(tmp_path / "s"), "--disks", "overlay")
+    assert code == 0, err
+    assert calls == ["overlay"]
+    assert "disk 2.0: /d/a.qcow2 frozen for the snapshot, writes go to /d/a.snap-x.qcow2" in out
+    # without the flag the parameter is not sent (the default applies)
+    assert vmmctl(capsys, "--api-socket", path, "snapshot", str(tmp_path / "t"))[0] == 0
+    assert calls == ["overlay", "shared"]
+    assert vmmctl(capsys, "--api-socket", path, "snapshot", str(tmp_path / "u"), "--disks", "raw")[0] == 2

@@ -1,8 +1,12 @@
 """JSON-RPC snapshot.create (vmmd/snapshot/create.py does the work).
 
-    snapshot.create {"path": DIR, "resume": true, "diff_from": DIR?}
+    snapshot.create {"path": DIR, "resume": true, "diff_from": DIR?, "disks": "shared"|"overlay"}
         -> {"path", "id", "type": "full"|"diff", "ram_bytes_written", "paused_ms", "total_ms",
-            "phases_ms": {"capture", "ram", "commit"}, "state"}
+            "phases_ms": {"capture", "ram", "commit"}, "state",
+            "disks"?: {"S.F": {"mode", "frozen", "now"}}}
+        disks=overlay: each writable qcow2 disk switches to a new overlay at the
+        snapshot point; the snapshot records the frozen image (vmmd/snapshot/disks.py).
+        A writable raw disk is refused before anything is paused.
         The VM resumes once RAM is written (to the page cache); the files are
         then fsynced and the manifest digest written: the reply comes after that.
 
@@ -21,6 +25,11 @@ CREATE_PARAMS = {
         "resume": {"type": "boolean", "description": "resume the VM afterwards (default true)"},
         "diff_from": {"type": "string", "minLength": 1,
                       "description": "parent snapshot: save only pages dirtied since it"},
+        "disks": {"type": "string", "enum": ["shared", "overlay"],
+                  "description": "shared (default): the disks are left alone, the snapshot names the "
+                                 "live images; overlay: each writable qcow2 disk switches to a new "
+                                 "external overlay at the snapshot point and the snapshot keeps the "
+                                 "image as it was (raw disks are refused)"},
     },
     "required": ["path"],
     "additionalProperties": False,
@@ -32,8 +41,11 @@ CREATE_RESULT = {
         "type": {"type": "string", "enum": ["full", "diff"]},
         "ram_bytes_written": {"type": "integer", "minimum": 0},
         "paused_ms": {"type": "number"}, "total_ms": {"type": "number"},
-        "phases_ms": {"type": "object", "description": "capture (devices, vCPUs, VM), ram, commit (fsync)"},
+        "phases_ms": {"type": "object", "description": "capture (devices, vCPUs, VM; includes disks), ram, commit (fsync); "
+                                                       "disks (disks=overlay: the switch to overlays)"},
         "state": {"type": "string"},
+        "disks": {"type": "object", "description": "disks=overlay: per PCI slot.function, "
+                  "{mode: overlay|read-only, frozen: the image the snapshot keeps, now: the image the VM runs on}"},
     },
     "required": ["path", "id", "type"],
 }
@@ -41,7 +53,9 @@ CREATE_RESULT = {
 
 def register(registry: Registry, control) -> None:
     async def create(params: dict) -> dict:
-        return await control.snapshot(params["path"], params.get("resume", True), params.get("diff_from"))
+        extra = {"disks": params["disks"]} if "disks" in params else {}
+        return await control.snapshot(params["path"], params.get("resume", True), params.get("diff_from"),
+                                      **extra)
 
     registry.add("snapshot.create", create, CREATE_PARAMS, CREATE_RESULT,
                  "Pause, save the VM (vCPUs, devices, RAM) to a directory, resume unless told not to")

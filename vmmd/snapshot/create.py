@@ -24,6 +24,7 @@ import vmmd
 from vmmd.kvm import abi
 from vmmd.snapshot import clock, config_io, machine_state
 from vmmd.snapshot import devices as devstate
+from vmmd.snapshot import disks as diskio
 from vmmd.snapshot import format as fmt
 from vmmd.snapshot import ram as ramio
 from vmmd.snapshot.kvm_dirty import KvmDirtyLog, KvmDirtyLogError
@@ -103,11 +104,15 @@ def save_vm_section(machine) -> dict:
     return state
 
 
-async def create(machine, path: str, resume: bool = True, diff_from: str | None = None) -> dict:
+async def create(machine, path: str, resume: bool = True, diff_from: str | None = None,
+                 disks: str = "shared") -> dict:
     """The body of snapshot.create (the caller holds the machine's transition lock
     and has checked the state). Returns a summary."""
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
+    if disks not in diskio.DISK_MODES:
+        raise SnapshotError(f"disks must be one of {', '.join(diskio.DISK_MODES)}, not {disks!r}")
+    snap_id = uuid.uuid4().hex
     progress = machine.snapshot_progress = {"phase": "checking", "path": path, "bytes_done": 0,
                                             "bytes_total": machine.memory.size}
     parent = None
@@ -117,9 +122,18 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
             raise SnapshotError(f"{diff_from}: this VM has no dirty tracking since that snapshot "
                                 f"(only since {machine.snapshot_base or 'none'}); take a full snapshot")
         parent = {"id": pm["id"], "path": os.path.relpath(os.path.abspath(diff_from), os.path.abspath(path))}
-    writer = await loop.run_in_executor(None, SnapshotWriter, path)
-    was_running = machine.state == "running"
     devices = list(machine.supervisor.devices.values())
+    # disks=overlay: every disk checked (raw ones refused) before anything is paused or written
+    disk_plans = (await loop.run_in_executor(None, diskio.plan, machine, devices)
+                  if disks == "overlay" else None)
+    writer = await loop.run_in_executor(None, SnapshotWriter, path)
+    if disk_plans:
+        try:  # the overlays are made (and durable) before the pause; only the switch is in it
+            await loop.run_in_executor(None, diskio.prepare_overlays, disk_plans, f"snap-{snap_id[:8]}")
+        except BaseException:
+            shutil.rmtree(writer.path, ignore_errors=True)
+            raise
+    was_running = machine.state == "running"
     paused_at = None
     try:
         progress["phase"] = "pausing"
@@ -131,6 +145,15 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         progress["phase"] = "devices"
 
         states = await devstate.save_devices(devices)
+        disk_entries = None
+        if disk_plans is not None:
+            # Devices quiesced, nothing in flight: the images are the disks as
+            # the saved states and RAM see them; freeze them now.
+            progress["phase"] = "disks"
+            t_disks = time.monotonic()
+            disk_entries = await loop.run_in_executor(None, diskio.freeze, machine, disk_plans)
+            diskio.discard(disk_plans)  # (every one switched: closes vmmd's fds, removes nothing)
+            disks_ms = (time.monotonic() - t_disks) * 1000
         progress["phase"] = "vcpus"
         kvm = machine.kvm
         msrs = kvm.msr_index_list()
@@ -154,18 +177,23 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
 
         digest, written = await loop.run_in_executor(None, write_ram)
         progress["phase"] = "writing"
-        snap_id = uuid.uuid4().hex
 
         t_ram = time.monotonic()
+        config = config_io.config_to_json(machine.cfg, machine)
         manifest = {
-            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
+            # Format 1 has no disk checkpoints; only a snapshot that records
+            # them needs a vmmd that knows them (an older one would open the
+            # frozen images read-write).
+            "format": fmt.FORMAT_NAME, "format_version": 2 if disk_entries is not None else 1,
             "vmmd_version": vmmd.__version__, "id": snap_id,
             "type": "diff" if parent else "full", "parent": parent,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "config": config_io.config_to_json(machine.cfg, machine),
+            "config": config if disk_entries is None else diskio.manifest_config(config, disk_entries),
             "memory": {"size": machine.memory.size, "page_size": ramio.PAGE,
                        "layout": machine.memory.layout.to_wire()},
         }
+        if disk_entries is not None:
+            manifest["disks"] = disk_entries
 
         def write_sections():
             writer.add_ram(machine.memory.size, digest, bytes_written=written)
@@ -182,6 +210,10 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         start_tracking(machine, snap_id)
     except BaseException:
         progress["phase"] = "failed"
+        if disk_plans:
+            diskio.discard(disk_plans)
+            log.warning("snapshot failed; the disks now run on %s",
+                        ", ".join(str(p.dev.spec.options.get("path")) for p in disk_plans))
         await _resume(machine, devices, was_running)
         shutil.rmtree(writer.path, ignore_errors=True)  # never leave a half-written snapshot
         raise
@@ -201,12 +233,20 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         raise
     machine.snapshot_progress = None
     now = time.monotonic()
+    out_disks = None
+    if disk_entries is not None:
+        out_disks = {inst: {"frozen": e["path"], "mode": e["mode"],
+                            "now": next((os.path.abspath(d.dev.spec.options["path"]) for d in disk_plans
+                                         if d.instance == inst), None)}
+                     for inst, e in disk_entries.items()}
     return {"path": os.path.abspath(path), "id": snap_id, "type": "diff" if parent else "full",
+            **({"disks": out_disks} if out_disks is not None else {}),
             "ram_bytes_written": written, "paused_ms": round(paused_ms, 1),
             "total_ms": round((now - t0) * 1000, 1),
             "phases_ms": {"capture": round((t_capture - paused_at) * 1000, 1),
                           "ram": round((t_ram - t_capture) * 1000, 1),
-                          "commit": round((now - t_commit) * 1000, 1)},
+                          "commit": round((now - t_commit) * 1000, 1),
+                          **({"disks": round(disks_ms, 1)} if disk_entries is not None else {})},
             "state": machine.state}
 
 

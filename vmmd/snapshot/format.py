@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 FORMAT_NAME = "vmmd-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the manifest may record disk checkpoints ("disks"; vmmd/snapshot/disks.py)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.json.sha256"
 

@@ -21,6 +21,7 @@ from vmmd.config import (LOG_LEVELS, SANDBOX_MODES, ConfigError, VmConfig,
 from vmmd.guest_memory import GuestMemory, GuestMemoryError, MemoryLayout
 from vmmd.snapshot import clock, config_io, machine_state, store
 from vmmd.snapshot import devices as devstate
+from vmmd.snapshot import disks as diskio
 from vmmd.snapshot.devices import RestoreError
 from vmmd.snapshot import format as fmt
 from vmmd.snapshot.format import SnapshotError
@@ -105,6 +106,11 @@ class Prepared:
     clock_mode: str
     paused: bool = False
     timings: dict | None = None  # ms: "verify" (manifest and JSON sections), "ram" (load + digest)
+    disks: list | None = None    # disks.RestoreDisk: the overlays made for this restore
+
+    def discard_overlays(self) -> None:
+        """The restore was refused before any vCPU ran: its new overlays go."""
+        diskio.remove_overlays(self.disks or [])
 
     @property
     def tip(self):
@@ -124,6 +130,9 @@ def prepare(req: RestoreRequest) -> Prepared:
     scalars["api_socket"] = req.api_socket
     cfg = config_io.apply_overrides(cfg, disks=req.disks or {}, nets=req.nets or {},
                                     consoles=req.consoles or {}, scalars=scalars)
+    # Disk checkpoints: each frozen image (or its --disk override) still the
+    # one the snapshot recorded; the new overlays are made once all else checked.
+    disk_plan = diskio.check_for_restore(tip.manifest.get("disks") or {}, req.disks or {}, cfg)
     check_sections(tip, cfg)
     mem_doc = tip.manifest["memory"]
     if mem_doc["size"] != cfg.memory:
@@ -138,11 +147,13 @@ def prepare(req: RestoreRequest) -> Prepared:
             raise SnapshotError("manifest memory layout differs from this vmmd's layout for that size")
         t1 = time.monotonic()
         store.load_chain_ram(chain, memory._view, memory.size)
+        diskio.create_restore_overlays(disk_plan, tip.id)
     except BaseException:
         memory.close()
         raise
+    cfg = diskio.apply_to_config(cfg, disk_plan)
     timings = {"verify": (t1 - t0) * 1000, "ram": (time.monotonic() - t1) * 1000}
-    return Prepared(cfg, chain, memory, req.clock, req.paused, timings)
+    return Prepared(cfg, chain, memory, req.clock, req.paused, timings, disk_plan)
 
 
 def check_sections(snap, cfg: VmConfig) -> None:

@@ -117,7 +117,13 @@ def read_manifest(path: str) -> tuple[dict, list[Section]]:
     body = _read(mpath, MAX_MANIFEST)
     dpath = os.path.join(path, fmt.MANIFEST_DIGEST)
     digest = _read(dpath, 256) if os.path.exists(dpath) else None
-    return fmt.parse_manifest(body, digest)
+    manifest, sections = fmt.parse_manifest(body, digest)
+    if "disks" in manifest:
+        from vmmd.snapshot.disks import check_entries
+        if manifest["format_version"] < 2:
+            raise SnapshotError(f"{fmt.MANIFEST}: format version 1 has no disk checkpoints")
+        check_entries(manifest["disks"])
+    return manifest, sections
 
 
 def open_snapshot(path: str) -> LoadedSnapshot:

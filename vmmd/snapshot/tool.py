@@ -88,6 +88,7 @@ def info(path: str) -> dict:
     return {"id": m["id"], "type": m["type"], "format_version": m["format_version"],
             "vmmd_version": m.get("vmmd_version"), "parent": m.get("parent"),
             "memory_bytes": m["memory"]["size"],
+            **({"disks": {k: f"{e['mode']} {e['path']}" for k, e in m["disks"].items()}} if m.get("disks") else {}),
             "sections": [f"{s.kind}/{s.instance} v{s.version} {s.size} bytes" for s in sections]}
 
 
