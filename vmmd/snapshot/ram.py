@@ -10,8 +10,9 @@ has to read holes.
 
 Thin I/O: save_ram() writes the memfd's non-zero pages into a sparse file at
 the same offsets (SEEK_DATA/SEEK_HOLE skip never-touched and ballooned
-pages without reading them); load_ram() reads a sparse file's data extents
-back into guest memory. Both compute the digest on the way.
+pages without reading them); load_ram() copies a sparse file's data extents
+back into guest memory (in the kernel where it can). Both compute the digest
+on the way, on another thread than the copy, with no per-page Python work.
 """
 
 from __future__ import annotations
@@ -107,7 +108,54 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-CHUNK = 64 << 20  # scan and write in chunks: bounded temporaries
+CHUNK = 64 << 20  # overlay_ram's read unit: bounded temporaries
+SCAN = 4 << 20     # scan for zero pages and hash in pieces that stay in the CPU cache
+BATCH = 32 << 20   # hand writes and copies to the other thread in batches this big
+
+
+def _scan_and_hash(digest: RamDigest, view, start: int, length: int, include=None, runs=None) -> int:
+    """Feed the non-zero pages of view[start:start+length] (memfd offsets) to
+    `digest`, SCAN bytes at a time (the zero-page scan and SHA-256 read each
+    piece while it is in cache; both release the GIL). Only pages set in
+    `include` when given; each run's (offset, length) is appended to `runs`.
+    Returns the bytes hashed."""
+    hashed = 0
+    for sstart in range(start, start + length, SCAN):
+        slen = min(SCAN, start + length - sstart)
+        mask = nonzero_pages(view[sstart:sstart + slen])
+        if include is not None:
+            first = sstart // PAGE
+            mask &= include[first:first + len(mask)]
+        for first, n in page_runs(mask):
+            off = sstart + first * PAGE
+            digest.add_run(off // PAGE, view[off:off + n * PAGE])
+            if runs is not None:
+                runs.append((off, n * PAGE))
+            hashed += n * PAGE
+    return hashed
+
+
+class _Writeback:
+    """Start the kernel writing a file's dirty pages back as they are written
+    (sync_file_range SYNC_FILE_RANGE_WRITE: asynchronous), so the commit's
+    fsync finds most of them on disk already. A no-op where unavailable."""
+
+    _fn = None
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        if _Writeback._fn is None:
+            import ctypes
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                _Writeback._fn = fn
+            except (OSError, AttributeError):
+                _Writeback._fn = False
+
+    def start(self, off: int, length: int) -> None:
+        if _Writeback._fn:
+            _Writeback._fn(self.fd, off, length, 2)  # SYNC_FILE_RANGE_WRITE; failure only costs speed
 
 
 def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
@@ -116,42 +164,43 @@ def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
     `out_fd` at their memfd offsets; only pages set in `include` when given
     (a diff). Returns (digest, bytes written). The file is truncated to `size`.
 
-    Scanning and hashing a chunk overlaps with writing the previous one
-    (hashlib and pwrite release the GIL)."""
+    This thread scans and hashes (no copy: views of guest memory) while a
+    writer thread pwrites the runs found, in batches, and starts their
+    writeback to disk; hashlib, numpy and pwrite release the GIL."""
     os.ftruncate(out_fd, 0)
     os.ftruncate(out_fd, size)
     digest = RamDigest(size)
     written = 0
+    wb = _Writeback(out_fd)
+
+    def write_batch(runs) -> None:
+        for off, n in runs:
+            _pwrite_all(out_fd, view[off:off + n], off)
+        if runs:
+            first, (last, n) = runs[0][0], runs[-1]
+            wb.start(first, last + n - first)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-write") as writer:
-        pending = None
+        pending = []
+        runs: list = []
+        batch = 0
         for start, length in data_extents(mem_fd, size):
-            for cstart in range(start, start + length, CHUNK):
-                clen = min(CHUNK, start + length - cstart)
-                chunk = view[cstart:cstart + clen]
-                mask = nonzero_pages(chunk)
-                if include is not None:
-                    first = cstart // PAGE
-                    mask &= include[first:first + len(mask)]
-                runs = []
-                for first, n in page_runs(mask):
-                    off = cstart + first * PAGE
-                    data = view[off:off + n * PAGE]
-                    digest.add_run(off // PAGE, data)
-                    runs.append((data, off))
-                    written += n * PAGE
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(_write_runs, out_fd, runs)
+            for cstart in range(start, start + length, BATCH):
+                clen = min(BATCH, start + length - cstart)
+                n = _scan_and_hash(digest, view, cstart, clen, include, runs)
+                written += n
+                batch += n
+                if batch >= BATCH:
+                    pending.append(writer.submit(write_batch, runs))
+                    runs, batch = [], 0
+                    while len(pending) > 2:   # keep the writer at most two batches behind
+                        pending.pop(0).result()
                 if progress:
                     progress(cstart + clen)
-        if pending is not None:
-            pending.result()
+        pending.append(writer.submit(write_batch, runs))
+        for f in pending:
+            f.result()
     return digest.hexdigest(), written
-
-
-def _write_runs(fd: int, runs) -> None:
-    for data, off in runs:
-        _pwrite_all(fd, data, off)
 
 
 def _pwrite_all(fd: int, data, off: int) -> None:
@@ -160,38 +209,57 @@ def _pwrite_all(fd: int, data, off: int) -> None:
         data, off = data[n:], off + n
 
 
-def load_ram(in_fd: int, size: int, view: memoryview, mask_out: np.ndarray | None = None) -> str:
-    """Read the data extents of sparse image `in_fd` into `view` (same offsets);
-    returns the digest of what was read. The file must be exactly `size` bytes.
-    mask_out (bool per page), when given, gets the non-zero pages. Hashing a
-    chunk overlaps with reading the next one."""
+def _copy_extent(in_fd: int, view, dst_fd: int | None, off: int, length: int) -> None:
+    """Image bytes [off, off+length) into guest memory at the same offset: in
+    the kernel (sendfile into the memfd: no page faults in this process) when
+    `dst_fd` is given and the kernel allows it, else read into the mapping."""
+    end = off + length
+    if dst_fd is not None:
+        try:
+            while off < end:
+                os.lseek(dst_fd, off, os.SEEK_SET)
+                n = os.sendfile(dst_fd, in_fd, off, end - off)
+                if n <= 0:
+                    raise RamError("RAM image ended early")
+                off += n
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+    while off < end:
+        n = os.preadv(in_fd, [view[off:end]], off)
+        if n <= 0:
+            raise RamError("RAM image ended early")
+        off += n
+
+
+def load_ram(in_fd: int, size: int, view: memoryview, mask_out: np.ndarray | None = None,
+             dst_fd: int | None = None) -> str:
+    """Copy the data extents of sparse image `in_fd` into guest memory (`view`,
+    the mapping of memfd `dst_fd` when given) at the same offsets; returns the
+    digest of what guest memory now holds. The file must be exactly `size`
+    bytes. mask_out (bool per page), when given, gets the non-zero pages.
+
+    A copier thread moves the extents in batches; this thread hashes each batch
+    from guest memory once it is there, so what is verified is what the guest
+    will run with (not the file, which could change under us)."""
     st = os.fstat(in_fd)
     if st.st_size != size:
         raise RamError(f"RAM image is {st.st_size} bytes, expected {size} (truncated?)")
     digest = RamDigest(size)
-
-    def hash_chunk(cstart: int, dest) -> None:
-        for first, n in page_runs(nonzero_pages(dest)):
-            off = cstart + first * PAGE
-            digest.add_run(off // PAGE, dest[off - cstart:off - cstart + n * PAGE])
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-hash") as hasher:
-        pending = None
-        for start, length in data_extents(in_fd, size):
-            for cstart in range(start, start + length, CHUNK):
-                clen = min(CHUNK, start + length - cstart)
-                dest = view[cstart:cstart + clen]
-                got = 0
-                while got < clen:
-                    n = os.preadv(in_fd, [dest[got:]], cstart + got)
-                    if n <= 0:
-                        raise RamError("RAM image ended early")
-                    got += n
-                if pending is not None:
-                    pending.result()
-                pending = hasher.submit(hash_chunk, cstart, dest)
-        if pending is not None:
-            pending.result()
+    pieces = []
+    for start, length in data_extents(in_fd, size):
+        for cstart in range(start, start + length, BATCH):
+            pieces.append((cstart, min(BATCH, start + length - cstart)))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-copy") as copier:
+        copies = [copier.submit(_copy_extent, in_fd, view, dst_fd, off, n) for off, n in pieces]
+        try:
+            for (off, n), done in zip(pieces, copies):
+                done.result()
+                _scan_and_hash(digest, view, off, n)
+        finally:
+            for f in copies:
+                f.cancel()
     if mask_out is not None:
         mask_out[:] = digest.nonzero
     return digest.hexdigest()

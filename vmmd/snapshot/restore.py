@@ -137,7 +137,7 @@ def prepare(req: RestoreRequest) -> Prepared:
         if layout != memory.layout:
             raise SnapshotError("manifest memory layout differs from this vmmd's layout for that size")
         t1 = time.monotonic()
-        store.load_chain_ram(chain, memory._view, memory.size)
+        store.load_chain_ram(chain, memory._view, memory.size, memory.fd)
     except BaseException:
         memory.close()
         raise

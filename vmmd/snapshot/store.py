@@ -182,8 +182,9 @@ def pages_mask(snap: LoadedSnapshot, pages: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=pages, bitorder="little").astype(bool)
 
 
-def load_chain_ram(chain: list[LoadedSnapshot], view: memoryview, size: int) -> None:
-    """Guest RAM of the chain's tip into `view` (an empty memfd mapping), every image verified."""
+def load_chain_ram(chain: list[LoadedSnapshot], view: memoryview, size: int, mem_fd: int | None = None) -> None:
+    """Guest RAM of the chain's tip into `view` (an empty memfd mapping; `mem_fd`
+    that memfd, so the base image is copied in the kernel), every image verified."""
     for snap in chain:
         s = fmt.find(snap.sections, "ram")
         if s.size != size:
@@ -191,7 +192,7 @@ def load_chain_ram(chain: list[LoadedSnapshot], view: memoryview, size: int) -> 
         fd = os.open(snap.file(s), os.O_RDONLY | os.O_CLOEXEC)
         try:
             if snap.manifest["type"] == "full":
-                digest = ramio.load_ram(fd, size, view)
+                digest = ramio.load_ram(fd, size, view, dst_fd=mem_fd)
             else:
                 digest = ramio.overlay_ram(fd, size, view, pages_mask(snap, size // ramio.PAGE))
         except ramio.RamError as exc:
