@@ -18,8 +18,6 @@ import shutil
 import time
 import uuid
 
-import numpy as np
-
 import vmmd
 from vmmd.kvm import abi
 from vmmd.snapshot import clock, config_io, machine_state
@@ -60,9 +58,10 @@ def start_tracking(machine, base_id: str) -> None:
     machine.snapshot_base = base_id
 
 
-def dirty_mask(machine, holes: bool = True) -> np.ndarray:
+def dirty_mask(machine, holes: bool = True):
     """Pages (by memfd offset) written since tracking started: KVM | devices | holes
     (live migration asks without holes: they are sent once, as zero pages)."""
+    import numpy as np  # here: `vmmd --restore` calls start_tracking() without needing it
     mem = machine.memory
     pages = mem.size // ramio.PAGE
     mask = np.zeros(pages, dtype=bool)
@@ -163,6 +162,7 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         def write_sections():
             writer.add_ram(machine.memory.size, digest, bytes_written=written)
             if include is not None:
+                import numpy as np
                 writer.add_binary("ram-pages", np.packbits(include, bitorder="little").tobytes())
             writer.add_json("vm", "vm", vm_state)
             for st in vcpu_states:

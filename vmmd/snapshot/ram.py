@@ -24,11 +24,13 @@ import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
 PAGE = 4096
 DIGEST_TAG = b"vmmd-ram-v1"
 MAX_RAM = 1 << 40
+ZERO_PAGE = bytes(PAGE)
+
+# numpy is imported only where whole page masks are handled (diffs, migration):
+# `vmmd --restore` of a full snapshot does not pay for its import.
 
 
 class RamError(Exception):
@@ -39,18 +41,34 @@ def page_bitmap_bytes(pages: int) -> int:
     return (pages + 7) // 8
 
 
+def _set_bits(bitmap: bytearray, first: int, n: int) -> None:
+    """Bits first..first+n-1 of a little-endian bitmap (bit i = byte i//8, bit i%8)."""
+    end = first + n
+    while first < end and first % 8:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+    whole = (end - first) >> 3
+    if whole:
+        bitmap[first >> 3:(first >> 3) + whole] = b"\xff" * whole
+        first += whole << 3
+    while first < end:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
 class RamDigest:
     """SHA-256 over the non-zero pages of a RAM image of `size` bytes.
 
     Feed runs of non-zero pages in increasing page order (add_run); the
-    digest is sha256(tag, size, sha256(nonzero bitmap), sha256(page bytes))."""
+    digest is sha256(tag, size, sha256(nonzero bitmap), sha256(page bytes)),
+    the bitmap little-endian (page i is bit i % 8 of byte i // 8)."""
 
     def __init__(self, size: int):
         if size <= 0 or size % PAGE or size > MAX_RAM:
             raise RamError(f"bad RAM size {size}")
         self.size = size
         self.pages = size // PAGE
-        self.nonzero = np.zeros(self.pages, dtype=bool)
+        self.bitmap = bytearray(page_bitmap_bytes(self.pages))
         self._data = hashlib.sha256()
         self._next = 0
 
@@ -58,27 +76,35 @@ class RamDigest:
         n = len(data) // PAGE
         if len(data) % PAGE or first < self._next or first + n > self.pages:
             raise RamError(f"page run {first}+{n} out of order or outside RAM")
-        self.nonzero[first:first + n] = True
+        _set_bits(self.bitmap, first, n)
         self._data.update(data)
         self._next = first + n
 
+    @property
+    def nonzero(self):
+        """The non-zero pages seen, as a numpy bool per page."""
+        import numpy as np
+        return np.unpackbits(np.frombuffer(bytes(self.bitmap), dtype=np.uint8), count=self.pages,
+                             bitorder="little").astype(bool)
+
     def hexdigest(self) -> str:
-        bitmap = np.packbits(self.nonzero, bitorder="little").tobytes()
         h = hashlib.sha256(DIGEST_TAG)
         h.update(struct.pack("<Q", self.size))
-        h.update(hashlib.sha256(bitmap).digest())
+        h.update(hashlib.sha256(self.bitmap).digest())
         h.update(self._data.digest())
         return h.hexdigest()
 
 
-def nonzero_pages(buf) -> np.ndarray:
+def nonzero_pages(buf):
     """Bool per page of `buf` (a multiple of PAGE bytes): True where any byte is set."""
+    import numpy as np
     a = np.frombuffer(buf, dtype=np.uint64)
     return a.reshape(-1, PAGE // 8).any(axis=1)
 
 
-def page_runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of True in `mask`."""
+def page_runs(mask) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of True in `mask` (a numpy bool array)."""
+    import numpy as np
     if not len(mask):
         return
     m = np.concatenate(([False], mask, [False])).astype(np.int8)
@@ -87,6 +113,36 @@ def page_runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
     ends = np.flatnonzero(d == -1)
     for s, e in zip(starts.tolist(), ends.tolist()):
         yield s, e - s
+
+
+def _zero_test(view):
+    """is_zero(offset) for the page at `offset` of `view`, without copying it:
+    find() of the buffer view exports (mmap, bytearray, bytes) compares the
+    page against a zero page in C and stops at the first set byte."""
+    obj = view.obj if isinstance(view, memoryview) else view
+    find = getattr(obj, "find", None)
+    if find is not None and isinstance(view, memoryview) and view.nbytes == len(obj) and view.c_contiguous:
+        return lambda off: find(ZERO_PAGE, off, off + PAGE) == off
+    return lambda off: bytes(view[off:off + PAGE]) == ZERO_PAGE
+
+
+def nonzero_runs(view, start: int, end: int, include=None) -> list[tuple[int, int]]:
+    """(offset, length) of each run of non-zero pages of view[start:end]
+    (page aligned); with `include` (one byte per page of the whole view,
+    non-zero = take), only the pages it takes."""
+    is_zero = _zero_test(view)
+    runs = []
+    run = -1
+    for off in range(start, end, PAGE):
+        if is_zero(off) or (include is not None and not include[off // PAGE]):
+            if run >= 0:
+                runs.append((run, off - run))
+                run = -1
+        elif run < 0:
+            run = off
+    if run >= 0:
+        runs.append((run, end - run))
+    return runs
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -116,22 +172,16 @@ BATCH = 32 << 20   # hand writes and copies to the other thread in batches this 
 def _scan_and_hash(digest: RamDigest, view, start: int, length: int, include=None, runs=None) -> int:
     """Feed the non-zero pages of view[start:start+length] (memfd offsets) to
     `digest`, SCAN bytes at a time (the zero-page scan and SHA-256 read each
-    piece while it is in cache; both release the GIL). Only pages set in
-    `include` when given; each run's (offset, length) is appended to `runs`.
-    Returns the bytes hashed."""
+    piece while it is in cache; SHA-256 releases the GIL). Only pages set in
+    `include` (bytes, one per page) when given; each run's (offset, length)
+    is appended to `runs`. Returns the bytes hashed."""
     hashed = 0
     for sstart in range(start, start + length, SCAN):
-        slen = min(SCAN, start + length - sstart)
-        mask = nonzero_pages(view[sstart:sstart + slen])
-        if include is not None:
-            first = sstart // PAGE
-            mask &= include[first:first + len(mask)]
-        for first, n in page_runs(mask):
-            off = sstart + first * PAGE
-            digest.add_run(off // PAGE, view[off:off + n * PAGE])
+        for off, n in nonzero_runs(view, sstart, min(sstart + SCAN, start + length), include):
+            digest.add_run(off // PAGE, view[off:off + n])
             if runs is not None:
-                runs.append((off, n * PAGE))
-            hashed += n * PAGE
+                runs.append((off, n))
+            hashed += n
     return hashed
 
 
@@ -159,19 +209,21 @@ class _Writeback:
 
 
 def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
-             include: np.ndarray | None = None, progress=None) -> tuple[str, int]:
+             include=None, progress=None) -> tuple[str, int]:
     """Write the non-zero pages of guest RAM (`view` over memfd `mem_fd`) to
     `out_fd` at their memfd offsets; only pages set in `include` when given
     (a diff). Returns (digest, bytes written). The file is truncated to `size`.
 
     This thread scans and hashes (no copy: views of guest memory) while a
     writer thread pwrites the runs found, in batches, and starts their
-    writeback to disk; hashlib, numpy and pwrite release the GIL."""
+    writeback to disk; SHA-256 and pwrite release the GIL."""
     os.ftruncate(out_fd, 0)
     os.ftruncate(out_fd, size)
     digest = RamDigest(size)
     written = 0
     wb = _Writeback(out_fd)
+    if include is not None:  # numpy bool per page -> one byte per page, cheap to index
+        include = include.astype(bool).tobytes()
 
     def write_batch(runs) -> None:
         for off, n in runs:
@@ -233,7 +285,7 @@ def _copy_extent(in_fd: int, view, dst_fd: int | None, off: int, length: int) ->
         off += n
 
 
-def load_ram(in_fd: int, size: int, view: memoryview, mask_out: np.ndarray | None = None,
+def load_ram(in_fd: int, size: int, view: memoryview, mask_out=None,
              dst_fd: int | None = None) -> str:
     """Copy the data extents of sparse image `in_fd` into guest memory (`view`,
     the mapping of memfd `dst_fd` when given) at the same offsets; returns the
@@ -265,7 +317,7 @@ def load_ram(in_fd: int, size: int, view: memoryview, mask_out: np.ndarray | Non
     return digest.hexdigest()
 
 
-def overlay_ram(in_fd: int, size: int, view: memoryview, listed: np.ndarray) -> str:
+def overlay_ram(in_fd: int, size: int, view: memoryview, listed) -> str:
     """Apply a diff image: every page set in `listed` takes the image's content
     (zero where the image has a hole); other pages keep theirs. Returns the
     image's digest. A non-zero page outside `listed` is refused (RamError)."""

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from vmmd.snapshot import format as fmt
 from vmmd.snapshot import ram as ramio
 from vmmd.snapshot.format import Section, SnapshotError
@@ -175,7 +173,8 @@ def open_chain(path: str) -> list[LoadedSnapshot]:
     return chain
 
 
-def pages_mask(snap: LoadedSnapshot, pages: int) -> np.ndarray:
+def pages_mask(snap: LoadedSnapshot, pages: int):
+    import numpy as np  # diffs only: a full restore does not import it
     data = snap.payload("ram-pages", "ram-pages")
     if data is None or len(data) != ramio.page_bitmap_bytes(pages):
         raise SnapshotError(f"{snap.path}: ram-pages bitmap has the wrong size")
