@@ -119,8 +119,9 @@ def one(kind: str, guest: str, work: str, ready: str) -> dict:
         m = None
         while time.monotonic() < deadline and m is None:
             m = re.search(r"restore: vCPUs started at monotonic ([\d.]+), ([\d.]+) ms after main\(\) "
-                          r"\(snapshot checks ([\d.]+) ms, RAM ([\d.]+) ms, device processes started in "
-                          r"([\d.]+) ms, device states ([\d.]+) ms, KVM state ([\d.]+) ms\)", vm2.stderr())
+                          r"\(snapshot checks ([\d.]+) ms, RAM ([\d.]+) ms, vmmd imports and set-up ([\d.-]+) ms, "
+                          r"device processes started in ([\d.]+) ms, device states ([\d.]+) ms, "
+                          r"KVM state ([\d.]+) ms\)", vm2.stderr())
             if vm2.proc.poll() is not None:
                 break
             time.sleep(0.01)
@@ -135,8 +136,9 @@ def one(kind: str, guest: str, work: str, ready: str) -> dict:
         _kill(vm2)
     out.update(restore_from_spawn_ms=(float(m.group(1)) - t_spawn) * 1000,
                restore_from_main_ms=float(m.group(2)), restore_checks_ms=float(m.group(3)),
-               restore_ram_ms=float(m.group(4)), restore_spawn_devices_ms=float(m.group(5)),
-               restore_device_states_ms=float(m.group(6)), restore_kvm_ms=float(m.group(7)))
+               restore_ram_ms=float(m.group(4)), restore_vmmd_setup_ms=float(m.group(5)),
+               restore_spawn_devices_ms=float(m.group(6)),
+               restore_device_states_ms=float(m.group(7)), restore_kvm_ms=float(m.group(8)))
     return out
 
 
@@ -178,7 +180,7 @@ def main() -> int:
     keys = ["create_client_ms", "create_vmmd_ms", "paused_ms", "create_capture_ms", "create_ram_ms",
             "create_commit_ms", "cp_same_fs_ms", "cp_to_shm_ms",
             "restore_from_spawn_ms", "restore_from_main_ms", "restore_checks_ms", "restore_ram_ms",
-            "restore_spawn_devices_ms", "restore_device_states_ms", "restore_kvm_ms",
+            "restore_vmmd_setup_ms", "restore_spawn_devices_ms", "restore_device_states_ms", "restore_kvm_ms",
             "size_on_disk", "apparent_size", "ram_bytes_written"]
     for kind in ("idle", "half"):
         rs = [r for r in results if r["guest"] == kind]

@@ -35,10 +35,12 @@ class SnapshotWriter:
     def open(self, name: str) -> int:
         return os.open(os.path.join(self.path, name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
 
-    def write_file(self, name: str, data: bytes) -> None:
+    def write_file(self, name: str, data: bytes, sync: bool = False) -> None:
         fd = self.open(name)
         try:
             ramio._pwrite_all(fd, memoryview(data), 0)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -73,7 +75,8 @@ class SnapshotWriter:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            self.write_file(fmt.MANIFEST_DIGEST, digest)
+            os.fsync(dfd)  # every file and its name on disk before the commit point exists
+            self.write_file(fmt.MANIFEST_DIGEST, digest, sync=True)
             os.fsync(dfd)
         finally:
             os.close(dfd)
