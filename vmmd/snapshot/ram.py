@@ -215,8 +215,10 @@ def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
     (a diff). Returns (digest, bytes written). The file is truncated to `size`.
 
     This thread scans and hashes (no copy: views of guest memory) while a
-    writer thread pwrites the runs found, in batches, and starts their
-    writeback to disk; SHA-256 and pwrite release the GIL."""
+    writer thread pwrites the runs found, in batches, and a third starts each
+    written batch's writeback to disk (it can wait for the disk's queue: the
+    writer does not); SHA-256, pwrite and sync_file_range release the GIL.
+    Writeback not started by the end is left to the caller's fsync."""
     os.ftruncate(out_fd, 0)
     os.ftruncate(out_fd, size)
     digest = RamDigest(size)
@@ -224,34 +226,43 @@ def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
     wb = _Writeback(out_fd)
     if include is not None:  # numpy bool per page -> one byte per page, cheap to index
         include = include.astype(bool).tobytes()
+    flushes = []
 
     def write_batch(runs) -> None:
         for off, n in runs:
             _pwrite_all(out_fd, view[off:off + n], off)
         if runs:
             first, (last, n) = runs[0][0], runs[-1]
-            wb.start(first, last + n - first)
+            flushes.append(flusher.submit(wb.start, first, last + n - first))
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-write") as writer:
-        pending = []
-        runs: list = []
-        batch = 0
-        for start, length in data_extents(mem_fd, size):
-            for cstart in range(start, start + length, BATCH):
-                clen = min(BATCH, start + length - cstart)
-                n = _scan_and_hash(digest, view, cstart, clen, include, runs)
-                written += n
-                batch += n
-                if batch >= BATCH:
-                    pending.append(writer.submit(write_batch, runs))
-                    runs, batch = [], 0
-                    while len(pending) > 2:   # keep the writer at most two batches behind
-                        pending.pop(0).result()
-                if progress:
-                    progress(cstart + clen)
-        pending.append(writer.submit(write_batch, runs))
-        for f in pending:
-            f.result()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-flush") as flusher, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-write") as writer:
+        try:
+            pending = []
+            runs: list = []
+            batch = 0
+            for start, length in data_extents(mem_fd, size):
+                for cstart in range(start, start + length, BATCH):
+                    clen = min(BATCH, start + length - cstart)
+                    n = _scan_and_hash(digest, view, cstart, clen, include, runs)
+                    written += n
+                    batch += n
+                    if batch >= BATCH:
+                        pending.append(writer.submit(write_batch, runs))
+                        runs, batch = [], 0
+                        while len(pending) > 2:   # keep the writer at most two batches behind
+                            pending.pop(0).result()
+                    if progress:
+                        progress(cstart + clen)
+            pending.append(writer.submit(write_batch, runs))
+            for f in pending:
+                f.result()
+        finally:
+            for f in pending:
+                f.cancel()
+            writer.shutdown(wait=True)  # no write may land after we return
+            for f in flushes:
+                f.cancel()  # the fsync does those; wait only for the one in progress
     return digest.hexdigest(), written
 
 
