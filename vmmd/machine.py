@@ -113,11 +113,13 @@ class Machine:
             host_fds = {spec.id: self._open_net_backend(spec) for spec in specs
                         if spec.kind == "virtio_net"}
             t_dev = time.monotonic()
+            devices = []
             for spec in specs:
                 spec.max_state = STATE_LIMITS.get(spec.kind, DEFAULT_STATE_LIMIT)
                 dev = self.supervisor.add(spec)
                 dev.fds.update(host_fds.get(spec.id, {}))
-                await self.supervisor.start(dev)
+                devices.append(dev)
+            await self.supervisor.start_all(devices)  # their processes start in parallel
             t_restore = time.monotonic()
             incoming = getattr(self.restore_from, "incoming", None)  # vmmd --incoming
             if incoming is not None:
