@@ -210,6 +210,36 @@ def test_load_ram_into_a_memfd_copies_in_the_kernel_and_keeps_holes(tmp_path):
         os.close(fd)
 
 
+def test_zero_page_scan_matches_numpy(tmp_path):
+    """nonzero_runs (find() page by page) against the vectorised reference, with
+    zero pages inside a data extent, set bytes at page edges and an include mask."""
+    import mmap
+    pages = 300
+    size = pages * ramio.PAGE
+    rng = np.random.default_rng(7)
+    src = bytearray(size)
+    for p in rng.choice(pages, 120, replace=False).tolist():
+        src[p * ramio.PAGE + int(rng.integers(ramio.PAGE))] = int(rng.integers(1, 256))
+    src[ramio.PAGE - 1] = 1               # last byte of a page
+    src[2 * ramio.PAGE] = 1               # first byte of the next but one
+    include = rng.random(pages) < 0.7
+    mfd = os.memfd_create("src")
+    os.ftruncate(mfd, size)
+    os.pwrite(mfd, bytes(src), 0)         # one data extent with zero pages in it
+    m = mmap.mmap(mfd, size)
+    for view in (memoryview(m), memoryview(src), memoryview(m)[:size - ramio.PAGE]):
+        n = len(view) // ramio.PAGE
+        mask = ramio.nonzero_pages(view)
+        for inc, want in ((None, mask), (include[:n].astype(np.uint8).tobytes(), mask & include[:n])):
+            expect = [(f * ramio.PAGE, k * ramio.PAGE) for f, k in ramio.page_runs(want)]
+            assert ramio.nonzero_runs(view, 0, len(view), inc) == expect
+    out = os.open(tmp_path / "r.img", os.O_CREAT | os.O_RDWR, 0o600)
+    digest, written = ramio.save_ram(memoryview(m), mfd, size, out, include)
+    assert written == int((ramio.nonzero_pages(memoryview(m)) & include).sum()) * ramio.PAGE
+    os.close(out)
+    os.close(mfd)
+
+
 def _valid_vcpu_state():
     import ctypes
     from vmmd.kvm import abi
