@@ -57,7 +57,7 @@ class Machine:
         self.restore_from = restore
         self.snapshot_progress: dict | None = None  # snapshot.create in progress (vm.info)
         self.snapshot_base: str | None = None  # id of the snapshot diffs can be taken from
-        self._dirty_logging = False
+        self.kvm_dirty = None  # vmmd.snapshot.kvm_dirty.KvmDirtyLog once tracking started
         self._restored = False
         self.time_plan = None
         self.state = "created"
@@ -428,7 +428,7 @@ class Machine:
             await self._stop_vcpus()
             self._close_vm()
             self.memory.clear()
-            self.snapshot_base, self._dirty_logging = None, False  # new memslots: no dirty log
+            self.snapshot_base, self.kvm_dirty = None, None  # new memslots: no dirty log
             self.acpi_sleep.reset()
             for dev in self.supervisor.devices.values():
                 try:

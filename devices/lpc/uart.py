@@ -426,5 +426,10 @@ class Uart16550:
         self.rx_fifo = deque(state["rx_fifo"])
         self.tx_fifo = deque(state["tx_fifo"])
         self._transmit()
+        if self.ier & IER_ETBEI and not self.tx_fifo:
+            # A state from a checkpoint may predate the guest's last IIR read:
+            # re-arm THRE. A spurious THRE interrupt is harmless (drivers
+            # re-check LSR); a lost one stops the guest's output for good.
+            self.thre_pending = True
         # Always report: the host's line may hold a stale level.
         self._update_irq(force=True)

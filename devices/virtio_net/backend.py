@@ -11,12 +11,15 @@ create a tap or reach a host socket itself.
           struct virtio_net_hdr_v1, so checksum and segmentation offloads
           pass through untouched (the kernel checks and completes them);
           TUNSETOFFLOAD tells the tap what the guest accepts on receive.
-  socket  an AF_UNIX SOCK_DGRAM socket connected to a switch
-          (devices/virtio_net/switch.py): one datagram per Ethernet frame,
+  socket  an AF_UNIX SOCK_SEQPACKET connection to a switch
+          (devices/virtio_net/switch.py): one message per Ethernet frame,
           no vnet header, no offloads. Unprivileged: two vmmd instances of
           any user who can reach the switch's path talk to each other, like
-          QEMU's -netdev dgram. vmmd autobinds the socket (an abstract
-          address in the host's namespace) so the switch can answer it.
+          QEMU's -netdev stream/dgram. A connection, not datagrams to an
+          autobound address: abstract addresses belong to one network
+          namespace, so a switch could not answer a vmmd running in another
+          (the lab's e2e guest in a private namespace found this); a
+          connection also tells each side at once when the other is gone.
 
 open_tap() and open_socket_port() run in vmmd (they need the host's
 namespace and, for a tap, CAP_NET_ADMIN); the Backend classes run in the
@@ -73,19 +76,14 @@ def open_tap(name: str, *, vnet_hdr: bool = True) -> int:
 
 
 def open_socket_port(switch_path: str) -> int:
-    """A datagram socket connected to the switch at `switch_path` (a
-    non-blocking, close-on-exec fd), registered with it (an empty datagram)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    """A SOCK_SEQPACKET connection to the switch at `switch_path` (a
+    non-blocking, close-on-exec fd)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        s.bind("")            # autobind: an abstract address the switch can answer
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             s.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         s.connect(switch_path)
         s.setblocking(False)
-        try:
-            s.send(b"")
-        except BlockingIOError:
-            pass
         return s.detach()
     except OSError:
         s.close()
@@ -98,6 +96,7 @@ class Backend:
     kind = "none"
     vnet_hdr = False          # frames on the fd carry a 12-byte virtio_net_hdr
     offloads = False          # the backend can take and give checksum/GSO offloads
+    eof = False               # the peer closed the connection: nothing more to read
 
     def __init__(self, fd: int):
         self.fd = fd
@@ -181,16 +180,28 @@ class SocketBackend(Backend):
         super().__init__(fd)
         s = socket.socket(fileno=os.dup(fd))
         try:
-            if s.family != socket.AF_UNIX or s.type & 0xF != socket.SOCK_DGRAM:
-                raise BackendError(errno.EINVAL, "the socket fd is not AF_UNIX SOCK_DGRAM")
+            if s.family != socket.AF_UNIX or s.type & 0xF != socket.SOCK_SEQPACKET:
+                raise BackendError(errno.EINVAL, "the socket fd is not AF_UNIX SOCK_SEQPACKET")
         finally:
             s.close()
+
+    def recv(self):
+        view = super().recv()
+        if view is not None and len(view) == 0:
+            # End of file on a SEQPACKET connection: the switch went away. Stop
+            # reading (the fd stays readable for ever); sends are dropped.
+            self.eof = True
+            self.errors += 1
+            self.last_error = "the switch closed the connection"
+            return None
+        return view
 
     def send(self, parts) -> bool:
         try:
             os.writev(self.fd, parts)
             return True
-        except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+        except (BlockingIOError, InterruptedError, ConnectionRefusedError, BrokenPipeError,
+                ConnectionResetError):
             return False       # the switch is busy or gone: the frame is lost, as on a wire
         except OSError as exc:
             self.errors += 1

@@ -335,7 +335,8 @@ class VirtioNetDevice(VirtioDevice):
         q = self.queues[RXQ] if self.queues else None
         return (self._loop is not None and not self._quiesced and self.transport.driver_ok
                 and q is not None and self.link_up and not self._rx_stalled
-                and self.needs_reset_reason is None and self.backend.fd >= 0)
+                and self.needs_reset_reason is None and self.backend.fd >= 0
+                and not self.backend.eof)
 
     def _update_rx_reader(self) -> None:
         if self._rx_wanted():

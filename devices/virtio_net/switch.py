@@ -2,13 +2,16 @@
 
     python -m devices.virtio_net.switch /run/user/1000/vmnet.sock
 
-binds an AF_UNIX SOCK_DGRAM socket at the path (any user who can write it
-may attach; no root). Every NIC (vmmd's open_socket_port) autobinds and
-connects to it; one datagram is one Ethernet frame, an empty datagram
-registers (or refreshes) a port. The switch learns source MACs per port and
-forwards a unicast frame to the port that owns its destination, floods
-broadcast, multicast and unknown destinations to every other port, and
-forgets ports that are gone (ECONNREFUSED) or idle for PORT_TIMEOUT.
+listens on an AF_UNIX SOCK_SEQPACKET socket at the path (any user who can
+write it may attach; no root). Every NIC (vmmd's open_socket_port) connects;
+one message is one Ethernet frame. Connections, not datagrams: a reply to an
+autobound datagram address fails when the NIC's vmmd runs in another network
+namespace (abstract addresses are per namespace), while a connection works
+wherever the path is reachable and ends the port the moment its NIC goes.
+The switch learns source MACs per port and forwards a unicast frame to the
+port that owns its destination, floods broadcast, multicast and unknown
+destinations to every other port, and drops a frame for a port whose socket
+is full (as a wire would) rather than block the others.
 
 SwitchCore is sans-I/O (tests/unit/test_virtio_net_switch.py); Switch runs
 it on a socket, in a thread (tests, benchmarks) or as this program's main.
@@ -17,6 +20,7 @@ it on a socket, in a thread (tests, benchmarks) or as this program's main.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import selectors
 import socket
@@ -46,6 +50,10 @@ class SwitchCore:
             self.stats["registered"] += 1
         self.ports[addr] = now
         return True
+
+    def attach(self, addr: bytes, now: float) -> bool:
+        """A new port (a NIC connected): it receives floods before it sends."""
+        return self._touch(addr, now)
 
     def expire(self, now: float) -> None:
         for addr, seen in list(self.ports.items()):
@@ -83,55 +91,91 @@ class SwitchCore:
 
 
 class Switch:
-    def __init__(self, path: str, *, port_timeout: float = PORT_TIMEOUT):
+    def __init__(self, path: str, *, port_timeout: float = float("inf")):
         self.path = path
+        # A connected port lives until its connection ends: no idle timeout.
         self.core = SwitchCore(port_timeout=port_timeout)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.bind(path)
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        self.sock.listen(MAX_PORTS)
         self.sock.setblocking(False)
+        self.conns: dict[bytes, socket.socket] = {}   # port id -> its connection
+        self._ids = itertools.count(1)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._buf = bytearray(MAX_FRAME + 64)
+        self._sel: selectors.BaseSelector | None = None
 
     def serve(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ)
-        sel.register(self._stop_r, selectors.EVENT_READ)
-        last_expire = time.monotonic()
+        sel = self._sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, None)
+        sel.register(self._stop_r, selectors.EVENT_READ, None)
         try:
             while True:
-                events = sel.select(timeout=10.0)
-                if any(key.fd == self._stop_r for key, _ in events):
-                    return
-                now = time.monotonic()
-                self._drain(now)
-                if now - last_expire > 10.0:
-                    self.core.expire(now)
-                    last_expire = now
+                for key, _ in sel.select(timeout=10.0):
+                    if key.fd == self._stop_r:
+                        return
+                    if key.fileobj is self.sock:
+                        self._accept()
+                    else:
+                        self._drain(key.data, time.monotonic())
         finally:
+            for conn in self.conns.values():
+                conn.close()
+            self.conns.clear()
             sel.close()
 
-    def _drain(self, now: float) -> None:
-        view = memoryview(self._buf)
-        for _ in range(1024):
+    def _accept(self) -> None:
+        for _ in range(64):
             try:
-                n, addr = self.sock.recvfrom_into(self._buf)
+                conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            if not isinstance(addr, (bytes, str)):
+            except OSError:
+                return             # e.g. EMFILE: the NIC sees its connection refused
+            if len(self.conns) >= MAX_PORTS:
+                conn.close()
                 continue
-            addr_b = addr if isinstance(addr, bytes) else addr.encode()
-            for to in self.core.receive(addr_b, view[:n], now):
+            conn.setblocking(False)
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                conn.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            port = f"p{next(self._ids)}".encode()
+            if not self.core.attach(port, time.monotonic()):
+                conn.close()
+                continue
+            self.conns[port] = conn
+            self._sel.register(conn, selectors.EVENT_READ, port)
+
+    def _drop_port(self, port: bytes) -> None:
+        conn = self.conns.pop(port, None)
+        if conn is not None:
+            self._sel.unregister(conn)
+            conn.close()
+        self.core.remove(port)
+
+    def _drain(self, port: bytes, now: float) -> None:
+        conn = self.conns.get(port)
+        view = memoryview(self._buf)
+        for _ in range(1024 if conn is not None else 0):
+            try:
+                n = conn.recv_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if n == 0:             # the NIC is gone
+                self._drop_port(port)
+                return
+            for to in self.core.receive(port, view[:n], now):
+                out = self.conns.get(to)
+                if out is None:
+                    continue
                 try:
-                    self.sock.sendto(view[:n], to)
+                    out.send(view[:n])
                 except (BlockingIOError, InterruptedError):
                     self.core.stats["dropped"] += 1
-                except (ConnectionRefusedError, FileNotFoundError):
-                    self.core.remove(to)
                 except OSError:
-                    self.core.stats["dropped"] += 1
+                    self._drop_port(to)
 
     def start(self) -> "Switch":
         self._thread = threading.Thread(target=self.serve, name="vnet-switch", daemon=True)
@@ -160,7 +204,7 @@ class Switch:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m devices.virtio_net.switch",
                                 description="an Ethernet switch for virtio-net socket= backends")
-    p.add_argument("path", help="AF_UNIX datagram socket path to bind")
+    p.add_argument("path", help="AF_UNIX socket path to listen on")
     args = p.parse_args(argv)
     sw = Switch(args.path)
     try:

@@ -69,8 +69,6 @@ def test_no_xsave_warning_and_no_pvm_options(linux, default_guest):
     assert "rtc_cmos" in dmesg and "rtc0" in dmesg and "probe of rtc_cmos failed" not in dmesg
 
 
-@pytest.mark.xfail(reason="open bug found by the lab: with -c 2 the guest brings up only its "
-                          "boot CPU on SVM (nested); the AP start-up path needs debugging (issue 8)")
 def test_both_cpus_online(linux):
     _, agent, _ = linux
     assert agent.check("nproc").strip() == "2"
@@ -79,7 +77,6 @@ def test_both_cpus_online(linux):
 
 # ---- virtio-blk ----
 
-@LAB_FAILING
 def test_disk_size_and_contents_match_the_host_image(linux, data_disk):
     _, agent, _ = linux
     dev = guest_blockdev(agent, "data")
@@ -89,7 +86,6 @@ def test_disk_size_and_contents_match_the_host_image(linux, data_disk):
     assert agent.check(f"sha256sum {dev}", timeout=300).split()[0] == want
 
 
-@LAB_FAILING
 def test_guest_write_reaches_the_host_file(linux, data_disk):
     _, agent, _ = linux
     dev = guest_blockdev(agent, "data")
@@ -100,7 +96,6 @@ def test_guest_write_reaches_the_host_file(linux, data_disk):
         assert f.read(len(marker)).decode() == marker
 
 
-@LAB_FAILING
 def test_blkdiscard_punches_holes_in_the_host_file(linux, data_disk):
     _, agent, _ = linux
     dev = guest_blockdev(agent, "data")
@@ -115,11 +110,12 @@ def test_blkdiscard_punches_holes_in_the_host_file(linux, data_disk):
         assert f.read(length) == bytes(length)
     assert os.stat(data_disk).st_blocks <= before - length // 512
     # and the guest reads zeroes there
-    assert agent.check(f"dd if={dev} bs=4096 skip={off // 4096} count=1 2>/dev/null | "
-                       f"od -An -tx1 | sort -u | tr -d ' \\n'") == "00*"
+    # (od prints one line of zero bytes, then "*" for the repeats)
+    zeros = agent.check(f"dd if={dev} bs=4096 skip={off // 4096} count=1 2>/dev/null | "
+                        f"od -An -tx1 | sort -u | tr -d ' \\n'")
+    assert zeros and set(zeros) <= set("0*"), zeros
 
 
-@LAB_UNVERIFIED
 def test_read_only_disk_refuses_writes(linux, ro_disk):
     _, agent, _ = linux
     dev = guest_blockdev(agent, "ro")
@@ -129,7 +125,6 @@ def test_read_only_disk_refuses_writes(linux, ro_disk):
     assert ro_disk.read_bytes()[:4096] == pattern(RO_DISK_SIZE, 99)[:4096]
 
 
-@LAB_UNVERIFIED
 def test_guest_formats_a_qcow2_disk_and_fstrim_frees_clusters(linux, qcow_disk):
     _, agent, _ = linux
     dev = guest_blockdev(agent, "qcow")
@@ -150,7 +145,6 @@ def test_guest_formats_a_qcow2_disk_and_fstrim_frees_clusters(linux, qcow_disk):
 
 # ---- virtio-net ----
 
-@LAB_UNVERIFIED
 def test_guest_pings_the_host_over_a_tap(linux):
     _, agent, _ = linux
     eth = guest_iface(agent, 0)
@@ -159,7 +153,6 @@ def test_guest_pings_the_host_over_a_tap(linux):
     assert " 0% packet loss" in out
 
 
-@LAB_UNVERIFIED
 def test_two_guests_ping_over_the_switch(linux, peer):
     _, agent, _ = linux
     _, peer_agent, = peer[0], peer[1]
@@ -178,29 +171,30 @@ def meminfo(agent, key: str) -> int:
     return int(out.split()[1]) * 1024
 
 
-@LAB_UNVERIFIED
 def test_balloon_lowers_guest_memory_and_host_allocation(linux):
     vm, agent, _ = linux
     # make the guest touch memory first, so there is something to give back
     agent.check("dd if=/dev/zero of=/tmp/fill bs=1M count=96 2>/dev/null; rm /tmp/fill")
-    total0 = meminfo(agent, "MemTotal")
+    # MemAvailable, not MemTotal: with DEFLATE_ON_OOM (offered by default)
+    # Linux keeps ballooned pages in MemTotal (they can come back under OOM).
+    avail0 = meminfo(agent, "MemAvailable")
     alloc0 = memfd_allocated(vm)
     vm.rpc("balloon.set", {"size_mib": 128, "stats_interval_s": 1})
     info = wait_until(lambda: (lambda i: i if i["actual_mib"] >= 128 else None)(vm.rpc("balloon.info")),
                       180, "the guest did not inflate the balloon to 128 MiB")
-    assert meminfo(agent, "MemTotal") <= total0 - 120 * 2**20
+    assert meminfo(agent, "MemAvailable") <= avail0 - 100 * 2**20
     assert info["reclaimed_bytes"] >= 120 * 2**20
     assert memfd_allocated(vm) <= alloc0 - 64 * 2**20
     stats = wait_until(lambda: vm.rpc("balloon.info")["stats"], 120, "no guest stats")
     assert any("free" in k or "avail" in k for k in stats), stats
     vm.rpc("balloon.set", {"size_mib": 0})
     wait_until(lambda: vm.rpc("balloon.info")["actual_mib"] == 0, 180, "the balloon did not deflate")
-    assert meminfo(agent, "MemTotal") >= total0 - 4 * 2**20
+    wait_until(lambda: meminfo(agent, "MemAvailable") >= avail0 - 32 * 2**20, 60,
+               "the guest did not get its memory back")
 
 
 # ---- pause / resume, time ----
 
-@LAB_UNVERIFIED
 def test_pause_resume_keeps_the_loop_running_and_time_monotonic(linux):
     vm, agent, _ = linux
     agent.check("(while :; do echo $(cut -d' ' -f1 /proc/uptime) $(date +%s); usleep 100000; done"
@@ -223,7 +217,8 @@ def test_pause_resume_keeps_the_loop_running_and_time_monotonic(linux):
 def test_kill_9_of_lpc_while_printing(linux):
     vm, agent, _ = linux
     (lpc,) = [d for d in vm.rpc("device.list") if d["id"] == "lpc"]
-    agent.check("(i=0; while [ $i -lt 600 ]; do echo e2e-line-$i > /dev/ttyS0; i=$((i+1)); "
+    # (150 lines: the lab's console carries a few dozen bytes a second)
+    agent.check("(i=0; while [ $i -lt 150 ]; do echo e2e-line-$i > /dev/ttyS0; i=$((i+1)); "
                 "usleep 50000; done &) ; true")
     vm.wait_for("e2e-line-5", 120)
     os.kill(lpc["pid"], signal.SIGKILL)
@@ -236,7 +231,7 @@ def test_kill_9_of_lpc_while_printing(linux):
     agent.close()
     agent.connect(60)
     agent.wait_ready(300)
-    out = vm.wait_for("e2e-line-599", 600, start=start)
+    out = vm.wait_for("e2e-line-149", 600, start=start)
     assert re.search(r"e2e-line-\d+", out[start:])   # printing went on after the restart
     assert agent.check("echo after-restart", timeout=120).strip() == "after-restart"
 

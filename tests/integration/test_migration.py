@@ -18,14 +18,15 @@ import pytest
 from tests.conftest import requires_kvm, requires_root
 from tests.guests.checks import check_incrementer_pages
 from tests.vmmd_process import RpcError, VmmdProcess
+from vmmd.kvm import abi
 
 pytestmark = [requires_kvm, requires_root]
 
 
-def source(tmp: Path, guest, memory="128M", *extra) -> VmmdProcess:
+def source(tmp: Path, guest, memory="128M", *extra, env=None) -> VmmdProcess:
     tmp.mkdir(parents=True, exist_ok=True)
     return VmmdProcess(tmp, ["-m", memory, "-s", "31,lpc", "--raw", str(guest), "--raw-mode", "long-cpl3",
-                             *extra])
+                             *extra], extra_env=env)
 
 
 def destination(tmp: Path, uri: str, *extra) -> VmmdProcess:
@@ -109,6 +110,34 @@ def test_incrementer_migrates_and_keeps_its_invariant(tmp_path, test_guests, tra
         assert info["restored_from"] == uri
         check_guest(dst, tmp_path)
         dst.wait_for("B", 60, start=len(dst.output()))
+    finally:
+        kill(src)
+        if dst:
+            kill(dst)
+
+
+@pytest.mark.parametrize("mode", ["manual", "classic"])
+def test_incrementer_migrates_in_each_kvm_dirty_log_mode(tmp_path, small_incrementer, mode):
+    """KVM's dirty log forced into each mode on the source (VMMD_KVM_DIRTY_LOG):
+    the incrementer writes all along several passes (a low bandwidth cap, no
+    throttling) and its invariant holds on the destination."""
+    if mode == "manual":
+        from vmmd.kvm import Kvm
+        with Kvm() as k:
+            if not k.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
+                pytest.skip("KVM here does not offer KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    src = source(tmp_path / "a", small_incrementer, "64M", env={"VMMD_KVM_DIRTY_LOG": mode})
+    uri = f"unix:{tmp_path}/d.sock"
+    dst = None
+    try:
+        src.wait_api()
+        src.wait_for("B", 60)
+        dst = destination(tmp_path / "b", uri)
+        st = migrate(src, dst, uri, max_bandwidth_mibs=8, downtime_ms=100)
+        assert st["kvm_dirty_log"] == mode
+        assert st["iteration"] >= 2, st  # dirty passes ran while the guest wrote
+        dst.wait_for("B", 60)
+        check_small(dst, tmp_path)
     finally:
         kill(src)
         if dst:
@@ -426,3 +455,68 @@ def test_device_crash_mid_migration_loses_nothing(tmp_path, small_incrementer):
         kill(src)
         if dst:
             kill(dst)
+
+
+def wait_held(src: VmmdProcess, phase: str, timeout: float = 120) -> dict:
+    st = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = src.rpc("migration.status", timeout=5)
+        if st.get("held_at") == phase:
+            return st
+        assert st["state"] in ("setup", "active", "switchover"), st
+        time.sleep(0.05)
+    raise AssertionError(f"the switchover never held at {phase}: {st}")
+
+
+@pytest.mark.parametrize("phase", ["devices_saved", "ready"])
+@pytest.mark.parametrize("action", ["cancel", "destination-killed", "source-killed"])
+def test_failure_in_the_switchover(tmp_path, small_incrementer, phase, action):
+    """The switchover held (VMMD_MIGRATION_HOLD) with the source's vCPUs stopped
+    and its devices quiesced and saved -- at `devices_saved` (RAM still moving)
+    or at `ready` (the destination rebuilt the VM and waits for mig-go) -- then
+    cancelled, or one side killed. Cancel or a dead destination: the source
+    resumes with its guest intact and a retry succeeds. A dead source: the
+    destination discards everything and exits 2 saying why."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    src = source(tmp_path / "a", small_incrementer, "64M", env={"VMMD_MIGRATION_HOLD": f"{phase}:{hold}"})
+    uri = f"unix:{tmp_path}/s.sock"
+    dst = dst2 = None
+    try:
+        src.wait_api()
+        src.wait_for("B", 60)
+        dst = destination(tmp_path / "b", uri)
+        src.rpc("migration.start", {"uri": uri, "downtime_ms": 2000})
+        st = wait_held(src, phase)
+        assert st["state"] == "switchover"
+        assert src.rpc("vm.info")["state"] == "paused"
+        if action == "source-killed":
+            kill(src)
+            assert dst.wait(60) == 2
+            err = dst.stderr()
+            assert "vmmd: error:" in err and "the source" in err, err[-2000:]
+            assert "Traceback" not in err
+            assert not os.path.exists(dst.api)
+            return
+        if action == "cancel":
+            st = src.rpc("migration.cancel", timeout=90)
+            assert st["state"] == "cancelled", st
+        else:
+            kill(dst)
+            st = wait_migration(src)
+            assert st["state"] == "failed" and "destination" in st["error"], st
+        assert dst.wait(60) != 0
+        assert src.rpc("vm.info")["state"] == "running"
+        src.wait_for("B", 30, start=len(src.output()))  # the guest runs on here
+        check_small(src, tmp_path)
+        hold.unlink()  # the retry passes the phase
+        dst2 = destination(tmp_path / "c", uri)
+        migrate(src, dst2, uri)
+        dst2.wait_for("B", 60)
+        check_small(dst2, tmp_path)
+    finally:
+        kill(src)
+        for d in (dst, dst2):
+            if d:
+                kill(d)

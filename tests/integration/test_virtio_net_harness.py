@@ -351,3 +351,52 @@ def test_socket_backend_between_two_devices():
             assert sb["tx_packets"] == 20 and sb["rx_packets"] == 2
             assert sa["backend"]["kind"] == "socket"
             assert sw.core.stats["forwarded"] >= 21
+
+
+_NS_PORT = r"""
+import os, select, sys
+from devices.virtio_net.backend import open_socket_port
+fd = open_socket_port(sys.argv[1])
+print("ready", flush=True)
+r, _, _ = select.select([fd], [], [], 30)
+frame = os.read(fd, 2048) if r else b""
+# answer the sender (unicast: the switch must have learned it and must reach us)
+os.write(fd, frame[6:12] + bytes.fromhex("52540000000c") + b"\x88\xb5" + b"pong".ljust(46, b"\0"))
+r, _, _ = select.select([fd], [], [], 30)
+print("got", frame[14:18].decode(errors="replace"), flush=True)
+"""
+
+
+def test_switch_reaches_a_nic_in_another_network_namespace():
+    """The lab's e2e guest (vmmd in a private namespace) found this: a switch
+    answering autobound datagram addresses cannot reach another namespace."""
+    import subprocess
+    import sys
+    from devices.virtio_net.backend import open_socket_port
+    from devices.virtio_net.switch import Switch
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "switch.sock")
+        with Switch(path):
+            child = subprocess.Popen(["unshare", "--net", sys.executable, "-c", _NS_PORT, path],
+                                     stdout=subprocess.PIPE, text=True,
+                                     cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+            try:
+                assert child.stdout.readline().strip() == "ready"
+                fd = open_socket_port(path)
+                try:
+                    mac = bytes.fromhex("52540000000d")
+                    os.write(fd, BROADCAST + mac + b"\x88\xb5" + b"ping".ljust(46, b"\0"))
+                    deadline = time.monotonic() + 30
+                    reply = b""
+                    while time.monotonic() < deadline and not reply:
+                        try:
+                            reply = os.read(fd, 2048)
+                        except BlockingIOError:
+                            time.sleep(0.05)
+                    assert reply[:6] == mac and reply[14:18] == b"pong"
+                finally:
+                    os.close(fd)
+                assert child.stdout.readline().strip() == "got ping"
+            finally:
+                child.kill()
+                child.wait()

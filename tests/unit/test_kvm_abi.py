@@ -257,6 +257,25 @@ def test_selected_constants():
     assert abi.KVM_VCPUEVENT_VALID_SIPI_VECTOR == 2
     assert (abi.KVM_SYSTEM_EVENT_SHUTDOWN, abi.KVM_SYSTEM_EVENT_RESET) == (1, 2)
     assert abi.KVM_MEM_LOG_DIRTY_PAGES == 1
+    # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 arguments (linux/kvm.h)
+    assert (abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, abi.KVM_DIRTY_LOG_INITIALLY_SET) == (1, 2)
+
+
+# offsetof() in linux/kvm.h: struct kvm_dirty_log / kvm_clear_dirty_log
+DIRTY_LOG_OFFSETS = {
+    ("kvm_dirty_log", "slot"): 0,
+    ("kvm_dirty_log", "padding1"): 4,
+    ("kvm_dirty_log", "dirty_bitmap"): 8,
+    ("kvm_clear_dirty_log", "slot"): 0,
+    ("kvm_clear_dirty_log", "num_pages"): 4,
+    ("kvm_clear_dirty_log", "first_page"): 8,
+    ("kvm_clear_dirty_log", "dirty_bitmap"): 16,
+}
+
+
+@pytest.mark.parametrize("struct,field,offset", sorted((s, f, o) for (s, f), o in DIRTY_LOG_OFFSETS.items()))
+def test_dirty_log_offsets(struct, field, offset):
+    assert getattr(getattr(abi, struct), field).offset == offset
 
 
 @pytest.mark.parametrize(

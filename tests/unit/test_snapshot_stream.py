@@ -76,3 +76,18 @@ def test_fuzz_never_raises_anything_but_stream_error():
             pass
         except stream.fmt.SnapshotError:
             pass
+
+
+def test_ram_run_writer_encodes_the_same_bytes_into_one_buffer():
+    import pytest
+    from vmmd.migration import protocol
+    w = stream.RamRunWriter(8)
+    for first, pages in ((0, 1), (7, 8), (123456, 3), (5, 1)):
+        data = os.urandom(pages * 4096)
+        rec = w.encode(first, memoryview(bytearray(data)))
+        assert bytes(rec) == stream.encode_ram_run(first, data) == protocol.ram_run(first, data)
+        [dec] = RecordDecoder().feed(bytes(rec))
+        assert stream.decode_ram_run(dec, 1 << 20) == (first, data)
+    for bad in (b"", bytes(100), bytes(9 * 4096)):
+        with pytest.raises(ValueError):
+            w.encode(0, bad)

@@ -355,3 +355,19 @@ def test_reset(uart):
     assert uart.io_read(u.IER_DLM) == 0
     assert uart.io_read(u.IIR_FCR) == u.IIR_NO_INT
     assert uart.io_read(u.LSR) == u.LSR_THRE | u.LSR_TEMT
+
+
+def test_restore_re_arms_thre_when_the_guest_waits_for_it(uart, rec):
+    # A checkpoint taken after the guest acknowledged THRE (IIR read) but
+    # before its next THR write: restored, the guest must still get a THRE
+    # interrupt or its output stops for good (kill -9 of the lpc in the lab).
+    uart.io_write(u.MCR, u.MCR_OUT2)
+    uart.io_write(u.IER_DLM, u.IER_ETBEI)
+    assert uart.io_read(u.IIR_FCR) & 0x0F == u.IIR_THRI   # acknowledged
+    state = uart.save()
+    assert state["thre_pending"] is False
+    rec2 = Recorder()
+    other = rec2.make()
+    other.restore(state)
+    assert rec2.irqs == [True]
+    assert other.io_read(u.IIR_FCR) & 0x0F == u.IIR_THRI

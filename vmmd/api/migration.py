@@ -26,7 +26,7 @@ START_PARAMS = {
 STATUS_RESULT = {
     "type": "object",
     "description": "state (none, setup, active, switchover, completed, failed, cancelled), iteration, "
-                   "bytes_sent, ram_bytes_sent, remaining_dirty_bytes, dirty_rate_mibs, bandwidth_mibs, "
+                   "bytes_sent, ram_bytes_sent, remaining_dirty_bytes, dirty_rate_mibs, bandwidth_mibs, kvm_dirty_log, "
                    "expected_downtime_ms, downtime_ms (final, pause to destination running), "
                    "throttle_pct, total_ms, error",
     "properties": {"state": {"type": "string"}},

@@ -237,6 +237,10 @@ class ApiServer:
         return error_response(PARSE_ERROR, f"Parse error: line longer than {self._max_line} bytes")
 
     async def _send(self, writer: asyncio.StreamWriter, response: bytes) -> None:
+        if writer.is_closing():
+            # The client hung up while its call ran (uvloop raises RuntimeError on
+            # a write to a closed transport): nobody is left to answer.
+            raise ConnectionResetError("the client closed the connection")
         writer.write(response + b"\n")
         # A client that does not read its replies is idle too.
         await asyncio.wait_for(writer.drain(), self.limits.idle_timeout)

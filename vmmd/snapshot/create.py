@@ -18,12 +18,15 @@ import shutil
 import time
 import uuid
 
+import numpy as np  # kvm_dirty needs it too
+
 import vmmd
 from vmmd.kvm import abi
 from vmmd.snapshot import clock, config_io, machine_state
 from vmmd.snapshot import devices as devstate
 from vmmd.snapshot import format as fmt
 from vmmd.snapshot import ram as ramio
+from vmmd.snapshot.kvm_dirty import KvmDirtyLog, KvmDirtyLogError
 from vmmd.snapshot.format import SnapshotError
 from vmmd.snapshot.store import SnapshotWriter, read_manifest
 
@@ -31,22 +34,25 @@ log = logging.getLogger(__name__)
 
 
 # -- dirty tracking ---------------------------------------------------------------------
-def start_tracking(machine, base_id: str) -> None:
+def start_tracking(machine, base_id: str, kvm_chunked: bool = False) -> None:
     """Dirty logging on (if not yet), both logs cleared: diffs from `base_id` from now on.
-    Call with the vCPUs stopped."""
+    Call with the vCPUs stopped. kvm_chunked: the caller clears KVM's log chunk by
+    chunk as it reads all of RAM (a migration's first pass; manual mode only)."""
     vm, mem = machine.vm, machine.memory
     machine.snapshot_base = None
+    kvm_log = getattr(machine, "kvm_dirty", None)
     try:
-        for slot, region in enumerate(mem.layout.regions):
-            if not getattr(machine, "_dirty_logging", False):
-                vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region),
-                                          abi.KVM_MEM_LOG_DIRTY_PAGES)
-            else:
-                vm.get_dirty_log(slot, region.size // ramio.PAGE)  # read = clear
-    except OSError as exc:
+        if kvm_log is None:
+            kvm_log = KvmDirtyLog(vm, mem)
+            kvm_log.enable()
+            machine.kvm_dirty = kvm_log
+            log.info("KVM dirty log: %s mode%s", kvm_log.mode,
+                     " (initially set)" if kvm_log.initially_set else "")
+        if not (kvm_chunked and kvm_log.manual):
+            kvm_log.reset()
+    except (OSError, KvmDirtyLogError) as exc:
         log.warning("KVM dirty logging unavailable (%s): no diff snapshots from here", exc)
         return
-    machine._dirty_logging = True
     for dev in machine.supervisor.devices.values():
         if dev.dirty_log is not None and dev.ready:
             try:
@@ -58,18 +64,20 @@ def start_tracking(machine, base_id: str) -> None:
     machine.snapshot_base = base_id
 
 
-def dirty_mask(machine, holes: bool = True):
+def kvm_log_of(machine) -> KvmDirtyLog:
+    """The machine's KVM dirty log (a classic reader when tracking never started)."""
+    kvm_log = getattr(machine, "kvm_dirty", None)
+    return kvm_log if kvm_log is not None else KvmDirtyLog(machine.vm, machine.memory, mode="classic")
+
+
+def dirty_mask(machine, holes: bool = True) -> np.ndarray:
     """Pages (by memfd offset) written since tracking started: KVM | devices | holes
-    (live migration asks without holes: they are sent once, as zero pages)."""
-    import numpy as np  # here: `vmmd --restore` calls start_tracking() without needing it
+    (live migration asks without holes: they are sent once, as zero pages).
+    In KVM's manual mode the KVM bits stay set until cleared (start_tracking,
+    or the migration sender chunk by chunk)."""
     mem = machine.memory
     pages = mem.size // ramio.PAGE
-    mask = np.zeros(pages, dtype=bool)
-    for slot, region in enumerate(mem.layout.regions):
-        n = region.size // ramio.PAGE
-        bits = np.unpackbits(np.frombuffer(machine.vm.get_dirty_log(slot, n), dtype=np.uint8),
-                             count=n, bitorder="little").astype(bool)
-        mask[region.offset // ramio.PAGE:region.offset // ramio.PAGE + n] |= bits
+    mask = kvm_log_of(machine).get()
     for dev in machine.supervisor.devices.values():
         if dev.dirty_log is None:
             continue
@@ -162,7 +170,6 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         def write_sections():
             writer.add_ram(machine.memory.size, digest, bytes_written=written)
             if include is not None:
-                import numpy as np
                 writer.add_binary("ram-pages", np.packbits(include, bitorder="little").tobytes())
             writer.add_json("vm", "vm", vm_state)
             for st in vcpu_states:

@@ -146,9 +146,10 @@ def nonzero_runs(view, start: int, end: int, include=None) -> list[tuple[int, in
     return runs
 
 
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data (non-hole) extents of fd within [0, size), page aligned."""
-    pos = 0
+def data_extents(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data (non-hole) extents of fd within [start, size), page aligned
+    (start a multiple of the page size)."""
+    pos = start
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
