@@ -119,6 +119,11 @@ class Machine:
                 dev = self.supervisor.add(spec)
                 dev.fds.update(host_fds.get(spec.id, {}))
                 devices.append(dev)
+            preload = None
+            if self.restore_from is not None:
+                # start_tracking() (numpy, for KVM's dirty log) runs right before the
+                # vCPUs start: import it while the device processes boot instead.
+                preload = self.loop.run_in_executor(None, __import__, "vmmd.snapshot.create")
             await self.supervisor.start_all(devices)  # their processes start in parallel
             t_restore = time.monotonic()
             incoming = getattr(self.restore_from, "incoming", None)  # vmmd --incoming
@@ -131,6 +136,7 @@ class Machine:
             t_vm = time.monotonic()
             self._build_vm()
             if self.restore_from is not None:
+                await preload
                 from vmmd.snapshot import create as snapcreate
                 snapcreate.start_tracking(self, self.restore_from.tip.id)
             paused = self.restore_from is not None and (self.restore_from.paused or incoming is not None)
