@@ -16,6 +16,14 @@ written to every vCPU (the same delta for all, so TSCs stay synchronised).
 Where KVM does not report the host TSC, it is derived as IA32_TSC - offset
 of a vCPU (both read back to back). Without the offset attribute, IA32_TSC
 itself is written (the same value on every vCPU, so KVM synchronises them).
+
+The attribute is used only where the host's TSC is stable (the host kernel
+still lists it as a clocksource). On a host whose TSC is
+unstable KVM recomputes every vCPU's offset from its last guest TSC at each
+vCPU load, silently replacing an offset written through the attribute; a
+host-initiated IA32_TSC write also updates that last guest TSC, so it holds.
+(The nested lab's L1, under TCG, is such a host: the attribute path lost
+the restored TSC there.)
 """
 
 from __future__ import annotations
@@ -41,9 +49,34 @@ def has_tsc_offset_attr(vcpu) -> bool:
         return False
 
 
+CLOCKSOURCES = "/sys/devices/system/clocksource/clocksource0/available_clocksource"
+
+
+def host_tsc_stable(path: str = CLOCKSOURCES) -> bool:
+    """The host kernel still offers its TSC as a clocksource, i.e. it has not
+    marked it unstable (KVM's check_tsc_unstable(), under which KVM rewrites
+    TSC offsets at every vCPU load). KVM_CLOCK_TSC_STABLE cannot tell this
+    before the vCPUs first run."""
+    try:
+        with open(path) as f:
+            return "tsc" in f.read().split()
+    except OSError:
+        return True   # no sysfs to ask: the common case
+
+
+def offset_attr_usable(vcpus) -> bool:
+    return host_tsc_stable() and all(has_tsc_offset_attr(v) for v in vcpus)
+
+
+def restores_by_offset_attr(vm, vcpus, state: dict) -> bool:
+    """Whether restore_clock will move the TSCs by the offset attribute (else by IA32_TSC)."""
+    return state.get("tsc_offsets") is not None and state.get("host_tsc") is not None \
+        and offset_attr_usable(vcpus)
+
+
 def save_clock(vm, vcpus) -> dict:
     """The time section of the vm state (call with every vCPU stopped)."""
-    use_attr = all(has_tsc_offset_attr(v) for v in vcpus)
+    use_attr = offset_attr_usable(vcpus)
     offsets = [v.get_attr_u64(abi.KVM_VCPU_TSC_CTRL, abi.KVM_VCPU_TSC_OFFSET) for v in vcpus] if use_attr else None
     tsc = vcpus[0].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
     clock = vm.get_clock()
@@ -123,8 +156,7 @@ def restore_clock(vm, vcpus, state: dict, mode: str) -> TimePlan:
             how = "vmmd-realtime"
     vm.set_clock(data)
     guest_dest = vm.get_clock().clock
-    use_attr = state.get("tsc_offsets") is not None and state.get("host_tsc") is not None \
-        and all(has_tsc_offset_attr(v) for v in vcpus)
+    use_attr = restores_by_offset_attr(vm, vcpus, state)
     if use_attr:
         cur = vcpus[0].get_attr_u64(abi.KVM_VCPU_TSC_CTRL, abi.KVM_VCPU_TSC_OFFSET)
         tsc_now = vcpus[0].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]

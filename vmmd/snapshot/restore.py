@@ -193,8 +193,7 @@ def restore_vm(machine, snap, clock_mode: str) -> None:
 
 def _restore_vm(machine, snap, clock_mode: str) -> None:
     vm_state = snap.payload("vm", "vm")
-    use_attr = vm_state["clock"].get("tsc_offsets") is not None and vm_state["clock"].get("host_tsc") is not None \
-        and all(clock.has_tsc_offset_attr(v) for v in machine.vcpus)
+    use_attr = clock.restores_by_offset_attr(machine.vm, machine.vcpus, vm_state["clock"])
     tsc = None if use_attr else clock.guest_tsc_after(vm_state["clock"], clock.elapsed_ns(vm_state["clock"], clock_mode))
     for v in machine.vcpus:
         machine_state.restore_vcpu(v, snap.payload("vcpu", str(v.index)), tsc)
