@@ -18,7 +18,17 @@ reported separately. Baseline in the same run: `cp --sparse=always` of the
 snapshot's ram.img to the snapshot's file system and to /dev/shm (tmpfs, as
 the memfd), i.e. copying the same bytes.
 
-    python bench/snapshot.py [--runs 3] [--json]
+Restore-to-running is "first guest instruction with all state loaded and
+verified": the log line comes after every check (manifest and section
+SHA-256s, the RAM digest over what guest memory holds), the device processes'
+restore and the KVM state, right before the vCPU threads start.
+
+The project's bytecode is compiled first (`compileall`, as an installed vmmd
+has it; an editable install under PYTHONDONTWRITEBYTECODE=1 would compile
+every module from source in vmmd and in each device process at start);
+--bytecode remove deletes it instead and measures that.
+
+    python bench/snapshot.py [--runs 3] [--json] [--bytecode compile|remove]
 """
 
 from __future__ import annotations
@@ -109,8 +119,9 @@ def one(kind: str, guest: str, work: str, ready: str) -> dict:
         m = None
         while time.monotonic() < deadline and m is None:
             m = re.search(r"restore: vCPUs started at monotonic ([\d.]+), ([\d.]+) ms after main\(\) "
-                          r"\(snapshot checks ([\d.]+) ms, RAM ([\d.]+) ms, device processes started in "
-                          r"([\d.]+) ms, device states ([\d.]+) ms, KVM state ([\d.]+) ms\)", vm2.stderr())
+                          r"\(snapshot checks ([\d.]+) ms, RAM ([\d.]+) ms, vmmd imports and set-up ([\d.-]+) ms, "
+                          r"device processes started in ([\d.]+) ms, device states ([\d.]+) ms, "
+                          r"KVM state ([\d.]+) ms\)", vm2.stderr())
             if vm2.proc.poll() is not None:
                 break
             time.sleep(0.01)
@@ -125,8 +136,9 @@ def one(kind: str, guest: str, work: str, ready: str) -> dict:
         _kill(vm2)
     out.update(restore_from_spawn_ms=(float(m.group(1)) - t_spawn) * 1000,
                restore_from_main_ms=float(m.group(2)), restore_checks_ms=float(m.group(3)),
-               restore_ram_ms=float(m.group(4)), restore_spawn_devices_ms=float(m.group(5)),
-               restore_device_states_ms=float(m.group(6)), restore_kvm_ms=float(m.group(7)))
+               restore_ram_ms=float(m.group(4)), restore_vmmd_setup_ms=float(m.group(5)),
+               restore_spawn_devices_ms=float(m.group(6)),
+               restore_device_states_ms=float(m.group(7)), restore_kvm_ms=float(m.group(8)))
     return out
 
 
@@ -134,7 +146,19 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--bytecode", choices=("compile", "remove"), default="compile",
+                    help="compile the project's bytecode first (default), or remove it")
     args = ap.parse_args()
+    packages = [os.path.join(ROOT, p) for p in ("vmmd", "bus", "devices", "sandbox", "devopts")]
+    if args.bytecode == "compile":
+        subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True, stdout=subprocess.DEVNULL)
+    else:
+        for pkg in packages:
+            for dirpath, dirnames, _ in os.walk(pkg):
+                if "__pycache__" in dirnames:
+                    shutil.rmtree(os.path.join(dirpath, "__pycache__"))
+                    dirnames.remove("__pycache__")
+    load_before = os.getloadavg()
     guests = {"idle": (str(build_ticker()), "PING 1\n"),
               "half": (str(build_incrementer(start=0x400000, end=0x400000 + 512 * MiB, passes_per_mark=1)), "BB")}
     results = []
@@ -146,14 +170,17 @@ def main() -> int:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()
+    bytecode = "bytecode compiled first" if args.bytecode == "compile" else "no bytecode: compiled from source at each start"
     if args.json:
-        print(json.dumps({"results": results, "loadavg": load}, indent=1))
+        print(json.dumps({"results": results, "loadavg": load, "loadavg_before": load_before,
+                          "bytecode": bytecode}, indent=1))
         return 0
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.runs} runs, medians (min-max)")
+    print(f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} before, "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after; {bytecode}; {args.runs} runs, medians (min-max)")
     keys = ["create_client_ms", "create_vmmd_ms", "paused_ms", "create_capture_ms", "create_ram_ms",
             "create_commit_ms", "cp_same_fs_ms", "cp_to_shm_ms",
             "restore_from_spawn_ms", "restore_from_main_ms", "restore_checks_ms", "restore_ram_ms",
-            "restore_spawn_devices_ms", "restore_device_states_ms", "restore_kvm_ms",
+            "restore_vmmd_setup_ms", "restore_spawn_devices_ms", "restore_device_states_ms", "restore_kvm_ms",
             "size_on_disk", "apparent_size", "ram_bytes_written"]
     for kind in ("idle", "half"):
         rs = [r for r in results if r["guest"] == kind]

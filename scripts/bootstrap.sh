@@ -41,6 +41,11 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+# Bytecode for the project's own packages (an editable install has none, and
+# PYTHONDONTWRITEBYTECODE may forbid writing it on import): vmmd and every
+# device process would otherwise compile each module from source at start.
+# Quick when up to date; a stale .pyc is ignored (source mtime checked).
+"$VENV/bin/python" -m compileall -q -j 0 "$ROOT/vmmd" "$ROOT/bus" "$ROOT/devices" "$ROOT/sandbox" "$ROOT/devopts" >/dev/null || true
 
 # PVM hosts (no VMX/SVM) cannot run a stock guest's user space: scripts/boot
 # and scripts/test use the nested lab there (docs/lab.md).

@@ -124,12 +124,31 @@ class Supervisor:
         return dev
 
     async def start(self, dev: ManagedDevice) -> None:
-        inc, hello = await self._work(self._spawn_blocking, dev)
-        self._attach(dev, inc, hello)
-        if dev.spec.pci is not None and self.pci is not None:
-            await self._work(self._attach_pci, dev)
-        if dev.spec.id not in self._heartbeats:
-            self._heartbeats[dev.spec.id] = self.loop.create_task(self._heartbeat(dev))
+        await self.start_all([dev])
+
+    async def start_all(self, devs: list[ManagedDevice]) -> None:
+        """Start devices together: their processes boot in parallel (each is a
+        Python interpreter and its imports, the slow part of starting a VM),
+        then they are attached one at a time, in order. When one fails, the
+        others are still attached (stopping the VM stops them) and the first
+        failure is raised."""
+        spawned = await asyncio.gather(*(self._work(self._spawn_blocking, dev) for dev in devs),
+                                       return_exceptions=True)
+        failure = None
+        for dev, result in zip(devs, spawned):
+            if isinstance(result, BaseException):
+                failure = failure or result
+                continue
+            try:
+                self._attach(dev, *result)
+                if dev.spec.pci is not None and self.pci is not None:
+                    await self._work(self._attach_pci, dev)
+                if dev.spec.id not in self._heartbeats:
+                    self._heartbeats[dev.spec.id] = self.loop.create_task(self._heartbeat(dev))
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _attach_pci(self, dev: ManagedDevice) -> None:
         """First incarnation: put the function on the bus. Later ones: their

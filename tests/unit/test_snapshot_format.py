@@ -177,6 +177,69 @@ def test_save_and_load_ram_keep_holes(tmp_path):
         os.close(fd)
 
 
+def test_load_ram_into_a_memfd_copies_in_the_kernel_and_keeps_holes(tmp_path):
+    import mmap
+    size = 4096 * ramio.PAGE  # 16 MiB: several scan pieces
+    src = bytearray(size)
+    for page in (3, 4, 5, 1000, 4095):
+        src[page * ramio.PAGE + page % 4096] = page % 251 + 1
+    src[2000 * ramio.PAGE:2100 * ramio.PAGE] = os.urandom(100 * ramio.PAGE)
+    mfd = os.memfd_create("src")
+    os.ftruncate(mfd, size)
+    os.pwrite(mfd, bytes(src), 0)  # every page allocated: zero pages must still become holes
+    m = mmap.mmap(mfd, size)
+    out = os.open(tmp_path / "ram.img", os.O_CREAT | os.O_RDWR, 0o600)
+    digest, written = ramio.save_ram(memoryview(m), mfd, size, out)
+    assert written == 105 * ramio.PAGE
+    dfd = os.memfd_create("dst")
+    os.ftruncate(dfd, size)
+    dst = mmap.mmap(dfd, size)
+    mask = np.zeros(size // ramio.PAGE, dtype=bool)
+    assert ramio.load_ram(out, size, memoryview(dst), mask, dst_fd=dfd) == digest
+    # (before reading the mapping: a read fault on a shared memfd hole allocates the page)
+    assert list(ramio.data_extents(dfd, size)) == list(ramio.data_extents(out, size))
+    assert dst[:] == bytes(src)
+    assert sorted(np.flatnonzero(mask).tolist()) == [3, 4, 5, 1000, *range(2000, 2100), 4095]
+    # one byte changed in the image: the digest of what was loaded differs
+    os.pwrite(out, b"\x55", 4095 * ramio.PAGE + 9)
+    dst[:] = bytes(size)
+    assert ramio.load_ram(out, size, memoryview(dst), dst_fd=dfd) != digest
+    for mm in (m, dst):
+        mm.close()
+    for fd in (mfd, out, dfd):
+        os.close(fd)
+
+
+def test_zero_page_scan_matches_numpy(tmp_path):
+    """nonzero_runs (find() page by page) against the vectorised reference, with
+    zero pages inside a data extent, set bytes at page edges and an include mask."""
+    import mmap
+    pages = 300
+    size = pages * ramio.PAGE
+    rng = np.random.default_rng(7)
+    src = bytearray(size)
+    for p in rng.choice(pages, 120, replace=False).tolist():
+        src[p * ramio.PAGE + int(rng.integers(ramio.PAGE))] = int(rng.integers(1, 256))
+    src[ramio.PAGE - 1] = 1               # last byte of a page
+    src[2 * ramio.PAGE] = 1               # first byte of the next but one
+    include = rng.random(pages) < 0.7
+    mfd = os.memfd_create("src")
+    os.ftruncate(mfd, size)
+    os.pwrite(mfd, bytes(src), 0)         # one data extent with zero pages in it
+    m = mmap.mmap(mfd, size)
+    for view in (memoryview(m), memoryview(src), memoryview(m)[:size - ramio.PAGE]):
+        n = len(view) // ramio.PAGE
+        mask = ramio.nonzero_pages(view)
+        for inc, want in ((None, mask), (include[:n].astype(np.uint8).tobytes(), mask & include[:n])):
+            expect = [(f * ramio.PAGE, k * ramio.PAGE) for f, k in ramio.page_runs(want)]
+            assert ramio.nonzero_runs(view, 0, len(view), inc) == expect
+    out = os.open(tmp_path / "r.img", os.O_CREAT | os.O_RDWR, 0o600)
+    digest, written = ramio.save_ram(memoryview(m), mfd, size, out, include)
+    assert written == int((ramio.nonzero_pages(memoryview(m)) & include).sum()) * ramio.PAGE
+    os.close(out)
+    os.close(mfd)
+
+
 def _valid_vcpu_state():
     import ctypes
     from vmmd.kvm import abi

@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 
-import numpy as np
+import numpy as np  # kvm_dirty needs it too
 
 import vmmd
 from vmmd.kvm import abi

@@ -146,7 +146,7 @@ def prepare(req: RestoreRequest) -> Prepared:
         if layout != memory.layout:
             raise SnapshotError("manifest memory layout differs from this vmmd's layout for that size")
         t1 = time.monotonic()
-        store.load_chain_ram(chain, memory._view, memory.size)
+        store.load_chain_ram(chain, memory._view, memory.size, memory.fd)
         diskio.create_restore_overlays(disk_plan, tip.id)
     except BaseException:
         memory.close()

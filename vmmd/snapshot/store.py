@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from vmmd.snapshot import format as fmt
 from vmmd.snapshot import ram as ramio
 from vmmd.snapshot.format import Section, SnapshotError
@@ -37,10 +35,12 @@ class SnapshotWriter:
     def open(self, name: str) -> int:
         return os.open(os.path.join(self.path, name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
 
-    def write_file(self, name: str, data: bytes) -> None:
+    def write_file(self, name: str, data: bytes, sync: bool = False) -> None:
         fd = self.open(name)
         try:
             ramio._pwrite_all(fd, memoryview(data), 0)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -75,7 +75,8 @@ class SnapshotWriter:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            self.write_file(fmt.MANIFEST_DIGEST, digest)
+            os.fsync(dfd)  # every file and its name on disk before the commit point exists
+            self.write_file(fmt.MANIFEST_DIGEST, digest, sync=True)
             os.fsync(dfd)
         finally:
             os.close(dfd)
@@ -181,15 +182,17 @@ def open_chain(path: str) -> list[LoadedSnapshot]:
     return chain
 
 
-def pages_mask(snap: LoadedSnapshot, pages: int) -> np.ndarray:
+def pages_mask(snap: LoadedSnapshot, pages: int):
+    import numpy as np  # diffs only: a full restore does not import it
     data = snap.payload("ram-pages", "ram-pages")
     if data is None or len(data) != ramio.page_bitmap_bytes(pages):
         raise SnapshotError(f"{snap.path}: ram-pages bitmap has the wrong size")
     return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=pages, bitorder="little").astype(bool)
 
 
-def load_chain_ram(chain: list[LoadedSnapshot], view: memoryview, size: int) -> None:
-    """Guest RAM of the chain's tip into `view` (an empty memfd mapping), every image verified."""
+def load_chain_ram(chain: list[LoadedSnapshot], view: memoryview, size: int, mem_fd: int | None = None) -> None:
+    """Guest RAM of the chain's tip into `view` (an empty memfd mapping; `mem_fd`
+    that memfd, so the base image is copied in the kernel), every image verified."""
     for snap in chain:
         s = fmt.find(snap.sections, "ram")
         if s.size != size:
@@ -197,7 +200,7 @@ def load_chain_ram(chain: list[LoadedSnapshot], view: memoryview, size: int) -> 
         fd = os.open(snap.file(s), os.O_RDONLY | os.O_CLOEXEC)
         try:
             if snap.manifest["type"] == "full":
-                digest = ramio.load_ram(fd, size, view)
+                digest = ramio.load_ram(fd, size, view, dst_fd=mem_fd)
             else:
                 digest = ramio.overlay_ram(fd, size, view, pages_mask(snap, size // ramio.PAGE))
         except ramio.RamError as exc:

@@ -37,7 +37,7 @@ def verify(path: str) -> dict:
     fd, m = _scratch(size)
     try:
         view = memoryview(m)
-        store.load_chain_ram(chain, view, size)
+        store.load_chain_ram(chain, view, size, fd)
         view.release()
     finally:
         m.close()
@@ -52,7 +52,7 @@ def merge(path: str, out: str) -> dict:
     fd, m = _scratch(size)
     view = memoryview(m)
     try:
-        store.load_chain_ram(chain, view, size)
+        store.load_chain_ram(chain, view, size, fd)
         writer = store.SnapshotWriter(out)
         try:
             rfd = writer.open("ram.img")
