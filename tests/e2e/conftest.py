@@ -207,7 +207,7 @@ def linux(default_guest, e2e_dir, data_disk, ro_disk, qcow_disk, switch):
             "-s", f"3,virtio-blk,{ro_disk},ro,serial=ro",
             "-s", f"4,virtio-net,tap={TAP}",
             "-s", f"5,virtio-net,socket={switch}",
-            "-s", "6,virtio-balloon",
+            "-s", "6,virtio-balloon,deflate_on_oom=off",
             "-s", f"7,virtio-blk,{qcow_disk},format=qcow2,serial=qcow",
         ], default_guest, netns=ns.name, name="main guest, 2 vCPUs, 6 PCI devices")
     except BaseException:

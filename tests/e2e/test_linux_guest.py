@@ -15,10 +15,6 @@ from tests.e2e.conftest import (DATA_DISK_SIZE, GUEST_IP, HOST_IP, RO_DISK_SIZE,
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm, pytest.mark.root]
 
-# A check not yet seen passing in the lab runs as an expected failure
-# (XFAIL/XPASS in the report) until it has; remove the mark then.
-LAB_UNVERIFIED = pytest.mark.xfail(reason="not yet seen passing in the lab: issue 8 open")
-
 
 def wait_until(fn, timeout: float, what: str, interval: float = 0.5):
     deadline = time.monotonic() + timeout
@@ -171,22 +167,23 @@ def test_balloon_lowers_guest_memory_and_host_allocation(linux):
     vm, agent, _ = linux
     # make the guest touch memory first, so there is something to give back
     agent.check("dd if=/dev/zero of=/tmp/fill bs=1M count=96 2>/dev/null; rm /tmp/fill")
-    # MemAvailable, not MemTotal: with DEFLATE_ON_OOM (offered by default)
-    # Linux keeps ballooned pages in MemTotal (they can come back under OOM).
-    avail0 = meminfo(agent, "MemAvailable")
+    # The main guest's balloon does not offer DEFLATE_ON_OOM (conftest): then
+    # Linux takes every ballooned page out of MemTotal, exactly. (With it,
+    # ballooned pages stay in MemTotal and MemAvailable moved by only a third
+    # of the balloon in one lab run: not a measure to assert on.)
+    total0 = meminfo(agent, "MemTotal")
     alloc0 = memfd_allocated(vm)
     vm.rpc("balloon.set", {"size_mib": 128, "stats_interval_s": 1})
     info = wait_until(lambda: (lambda i: i if i["actual_mib"] >= 128 else None)(vm.rpc("balloon.info")),
                       180, "the guest did not inflate the balloon to 128 MiB")
-    assert meminfo(agent, "MemAvailable") <= avail0 - 100 * 2**20
+    assert meminfo(agent, "MemTotal") <= total0 - 128 * 2**20
     assert info["reclaimed_bytes"] >= 120 * 2**20
     assert memfd_allocated(vm) <= alloc0 - 64 * 2**20
     stats = wait_until(lambda: vm.rpc("balloon.info")["stats"], 120, "no guest stats")
     assert any("free" in k or "avail" in k for k in stats), stats
     vm.rpc("balloon.set", {"size_mib": 0})
     wait_until(lambda: vm.rpc("balloon.info")["actual_mib"] == 0, 180, "the balloon did not deflate")
-    wait_until(lambda: meminfo(agent, "MemAvailable") >= avail0 - 32 * 2**20, 60,
-               "the guest did not get its memory back")
+    assert meminfo(agent, "MemTotal") >= total0 - 4 * 2**20
 
 
 # ---- pause / resume, time ----
@@ -209,7 +206,6 @@ def test_pause_resume_keeps_the_loop_running_and_time_monotonic(linux):
 
 # ---- device crash under load ----
 
-@LAB_UNVERIFIED
 def test_kill_9_of_lpc_while_printing(linux):
     vm, agent, _ = linux
     (lpc,) = [d for d in vm.rpc("device.list") if d["id"] == "lpc"]
@@ -234,7 +230,6 @@ def test_kill_9_of_lpc_while_printing(linux):
 
 # ---- reboot ----
 
-@LAB_UNVERIFIED
 def test_reboot_f_with_no_reboot_ends_vmmd_with_status_0(peer):
     vm, agent = peer
     agent.sock.sendall(b"c999 reboot -f\n")

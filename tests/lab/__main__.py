@@ -6,7 +6,7 @@
                                                directory; exit with its status
                                                (-i: this terminal is its stdin)
     scripts/lab shell [OPTIONS]                an interactive shell inside
-OPTIONS: --memory SIZE (4G)  --cpus N (2)  --timeout SECONDS (3600)
+OPTIONS: --memory SIZE (4G)  --cpus N (1)  --timeout SECONDS (3600)
          --console-log PATH (default: under the lab cache, printed on failure)
 """
 
@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("run", "shell"):
         s = sub.add_parser(name)
         s.add_argument("--memory", default="4G")
-        s.add_argument("--cpus", type=int, default=2)
+        s.add_argument("--cpus", type=int, default=1)
         s.add_argument("--timeout", type=float, default=3600.0)
         s.add_argument("--console-log", type=Path)
         if name == "run":
