@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import struct
 import sys
@@ -51,12 +50,7 @@ DSTART = 0x400000
 
 
 def _kill(vm: VmmdProcess) -> None:
-    try:
-        os.killpg(vm.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    vm.proc.wait(10)
-    vm.stop()
+    vm.crash()
 
 
 def _free_port() -> int:

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -57,12 +56,7 @@ GiB = 1 << 30
 
 
 def _kill(vm: VmmdProcess) -> None:
-    try:
-        os.killpg(vm.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    vm.proc.wait(10)
-    vm.stop()
+    vm.crash()
 
 
 def _allocated(path: str) -> int:

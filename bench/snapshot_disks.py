@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,12 +45,7 @@ RESTORED = re.compile(r"restore: vCPUs started at monotonic ([\d.]+), ([\d.]+) m
 
 
 def _kill(vm: VmmdProcess) -> None:
-    try:
-        os.killpg(vm.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    vm.proc.wait(10)
-    vm.stop()
+    vm.crash()
 
 
 def restore_ms(snap: str, work: str) -> dict:

@@ -151,6 +151,15 @@ class VmmdProcess:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"vmmd did not exit within {timeout}s; stderr: {self.stderr()[-4000:]}")
 
+    def crash(self) -> None:
+        """kill -9 vmmd's whole session (devices included), as a crash would."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.stop()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:

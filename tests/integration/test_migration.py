@@ -41,12 +41,7 @@ def destination(tmp: Path, uri: str, *extra) -> VmmdProcess:
 
 
 def kill(vm: VmmdProcess) -> None:
-    try:
-        os.killpg(vm.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    vm.proc.wait(10)
-    vm.stop()
+    vm.crash()
 
 
 def wait_migration(vm: VmmdProcess, timeout: float = 120, until=("completed", "failed", "cancelled")) -> dict:

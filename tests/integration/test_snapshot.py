@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -37,13 +36,7 @@ def restore(tmp, snap, *extra):
 
 
 def kill(vm: VmmdProcess) -> None:
-    """kill -9 vmmd's whole session (devices included), as a crash would."""
-    try:
-        os.killpg(vm.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    vm.proc.wait(10)
-    vm.stop()
+    vm.crash()
 
 
 def merged_ram(snap: Path, tmp: Path) -> Path:
