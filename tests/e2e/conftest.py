@@ -142,8 +142,13 @@ def _watch_boot(vm: VmmdProcess, t0: float, seen: dict, stop) -> None:
         stop.wait(0.2)
 
 
+# "loglevel=3": kernel errors go to dmesg (the checks read it there), not to
+# the console, which carries a few dozen bytes a second in the lab: an RCU
+# stall report while a killed lpc restarts (the vCPU waits for it, up to
+# --device-timeout, and a Python start under TCG takes tens of seconds) held
+# up the console for minutes in one run.
 def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
-         cmdline_extra: str = "quiet", name: str = "guest") -> tuple[VmmdProcess, GuestAgent]:
+         cmdline_extra: str = "quiet loglevel=3", name: str = "guest") -> tuple[VmmdProcess, GuestAgent]:
     com2 = tmp / "com2.sock"
     vm = VmmdProcess(tmp, [
         "-s", "31,lpc", "-l", f"com2,socket,{com2}", "--device-timeout", "30",
@@ -207,7 +212,10 @@ def linux(default_guest, e2e_dir, data_disk, ro_disk, qcow_disk, switch):
             "-s", f"3,virtio-blk,{ro_disk},ro,serial=ro",
             "-s", f"4,virtio-net,tap={TAP}",
             "-s", f"5,virtio-net,socket={switch}",
-            "-s", "6,virtio-balloon,deflate_on_oom=off",
+            # No DEFLATE_ON_OOM: MemTotal then drops by exactly the balloon. No
+            # free page reporting: it would return freed pages to the host on its
+            # own, leaving the balloon nothing to show in the memfd's allocation.
+            "-s", "6,virtio-balloon,deflate_on_oom=off,reporting=off",
             "-s", f"7,virtio-blk,{qcow_disk},format=qcow2,serial=qcow",
         ], default_guest, netns=ns.name, name="main guest, 2 vCPUs, 6 PCI devices")
     except BaseException:

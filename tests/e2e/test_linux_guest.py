@@ -165,8 +165,10 @@ def meminfo(agent, key: str) -> int:
 
 def test_balloon_lowers_guest_memory_and_host_allocation(linux):
     vm, agent, _ = linux
-    # make the guest touch memory first, so there is something to give back
-    agent.check("dd if=/dev/zero of=/tmp/fill bs=1M count=96 2>/dev/null; rm /tmp/fill")
+    # Make the guest touch most of its free memory first, so the pages the
+    # balloon takes are ones the host had allocated (untouched pages cost the
+    # host nothing and punching them frees nothing).
+    agent.check("dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null; rm /tmp/fill", timeout=300)
     # The main guest's balloon does not offer DEFLATE_ON_OOM (conftest): then
     # Linux takes every ballooned page out of MemTotal, exactly. (With it,
     # ballooned pages stay in MemTotal and MemAvailable moved by only a third
