@@ -53,6 +53,22 @@ def receiver_thread(sock, size, dest: bytearray, done: threading.Event):
     return t
 
 
+def start_precopy(h, dev, a, b):
+    """A source Migration on socket `a` over the harness's memory (no KVM writes),
+    a receiver thread on `b`, device dirty tracking started and the first pass sent."""
+    machine = SimpleNamespace(memory=h.memory, vm=NoKvmWrites(), supervisor=h.supervisor,
+                              control=None, loop=None)
+    mig = Migration(machine, transport.parse_uri("unix:/nonexistent"))
+    mig.sock = a
+    dest = bytearray(h.memory.size)
+    done = threading.Event()
+    t = receiver_thread(b, h.memory.size, dest, done)
+    dev.harvest_dirty()  # tracking starts here
+    mig._first_pass()
+    mig._iteration_done(time.monotonic())
+    return mig, dest, done, t
+
+
 def test_precopy_sends_pages_a_device_wrote(tmp_path):
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
@@ -65,17 +81,7 @@ def test_precopy_sends_pages_a_device_wrote(tmp_path):
         disk = VirtioBlk(h, slot=2)
         req = disk.submit_read(0, 8)
         disk.complete(req)
-        machine = SimpleNamespace(memory=h.memory, vm=NoKvmWrites(), supervisor=h.supervisor,
-                                  control=None, loop=None)
-        mig = Migration(machine, transport.parse_uri("unix:/nonexistent"))
-        mig.sock = a
-        dest = bytearray(h.memory.size)
-        done = threading.Event()
-        t = receiver_thread(b, h.memory.size, dest, done)
-
-        dev.harvest_dirty()  # tracking starts here
-        mig._first_pass()
-        mig._iteration_done(time.monotonic())
+        mig, dest, done, t = start_precopy(h, dev, a, b)
         # The device writes guest RAM after the pass: a read of other sectors into the same buffer.
         req2 = disk.submit_read(8, 8)
         disk.complete(req2)
@@ -150,17 +156,7 @@ def test_precopy_sends_frames_net_rx_wrote(tmp_path):
                     assert time.monotonic() < deadline, dev.control("stats")["net"]
                     time.sleep(0.01)
 
-            machine = SimpleNamespace(memory=h.memory, vm=NoKvmWrites(), supervisor=h.supervisor,
-                                      control=None, loop=None)
-            mig = Migration(machine, transport.parse_uri("unix:/nonexistent"))
-            mig.sock = a
-            dest = bytearray(h.memory.size)
-            done = threading.Event()
-            t = receiver_thread(b, h.memory.size, dest, done)
-
-            dev.harvest_dirty()  # tracking starts here
-            mig._first_pass()
-            mig._iteration_done(time.monotonic())
+            mig, dest, done, t = start_precopy(h, dev, a, b)
             device_dirty = []
             for _ in range(3):  # frames land between passes
                 send(20)
