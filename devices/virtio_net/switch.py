@@ -155,8 +155,10 @@ class Switch:
 
     def _drain(self, port: bytes, now: float) -> None:
         conn = self.conns.get(port)
+        if conn is None:
+            return
         view = memoryview(self._buf)
-        for _ in range(1024 if conn is not None else 0):
+        for _ in range(1024):
             try:
                 n = conn.recv_into(self._buf)
             except (BlockingIOError, InterruptedError):
