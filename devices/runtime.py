@@ -191,6 +191,16 @@ class RuntimeHost:
         self._backlog: list = []
         self._checkpoint_scheduled = False
         self.faults = 0
+        self._model_closed = False
+
+    def close_model(self) -> None:
+        """Close the model once (its files flushed and released): on a shutdown
+        request, before the reply (vmmd kills the process once it has it), and
+        again harmlessly when the process ends."""
+        if self.model is None or self._model_closed:
+            return
+        self._model_closed = True
+        self.model.close()
 
     def attach(self, channel) -> None:
         self.channel = channel
@@ -300,6 +310,10 @@ class Server:
                     sync()
             elif op == "device":
                 result = model.device_control(msg.args["op"], msg.args.get("args") or {})
+            elif op == "shutdown":
+                # The reply says the device's files are complete (a qcow2 image's
+                # preallocated clusters given back, everything synced).
+                self.host.close_model()
             elif op == "stats":
                 result = dict(model.stats())
                 result["bus"] = {"faults": self.host.faults,
@@ -477,7 +491,7 @@ def main(kind: str, model_module: str | None = None, policy: Any = None,
         status = EXIT_FAILURE
     finally:
         try:
-            model.close()
+            host.close_model()
         except Exception as exc:
             log.warning("model close failed: %s", exc)
     sys.stderr.flush()

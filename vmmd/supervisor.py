@@ -65,6 +65,7 @@ SPAWN_TIMEOUT = 120.0
 CRASH_LIMIT = (5, 60.0)  # this many crashes within this many seconds: failed, no more restarts
 EVENT_BATCH = 256  # events handled per device per loop iteration (a flood cannot starve the loop)
 SUPERVISION_WORKERS = 16
+SHUTDOWN_TIMEOUT = 10.0  # for a device to sync and close its files before it is killed
 
 
 def become_subreaper() -> None:
@@ -554,19 +555,24 @@ class Supervisor:
         self._stopping = True
         for task in [*self._restart_tasks.values(), *self._heartbeats.values()]:
             task.cancel()
-        for dev in self.devices.values():
-            inc = dev.current
-            dev.state = "stopped"
-            if inc is None:
-                continue
-            try:
-                await self._work(lambda: inc.channel.control("shutdown", {}, 1.0, inc.pidfd))
-            except Exception:
-                pass
-            self._detach(inc)
-            await self._work(self._kill_and_reap, inc)
-            dev.set_current(None, "stopped")
-            close_incarnation(inc)
+        await asyncio.gather(*(self._stop(dev) for dev in self.devices.values()))
+
+    async def _stop(self, dev) -> None:
+        """Ask a device to close its files, then kill it: a clean close first
+        (a disk's image synced and whole), bounded so a stuck or hostile device
+        only delays the end, all devices at once."""
+        inc = dev.current
+        dev.state = "stopped"
+        if inc is None:
+            return
+        try:
+            await self._work(inc.channel.control, "shutdown", {}, SHUTDOWN_TIMEOUT, inc.pidfd)
+        except Exception:
+            pass
+        self._detach(inc)
+        await self._work(self._kill_and_reap, inc)
+        dev.set_current(None, "stopped")
+        close_incarnation(inc)
 
     def close(self) -> None:
         """Release what the devices kept across incarnations (after stop_all)."""
