@@ -92,6 +92,9 @@ class VmmChannel:
         # callable(kind, fmt, *args): counts and rate-limits what the device
         # got wrong (vmmd's ManagedDevice.refuse); plain logging without it.
         self.on_refusal = None
+        # vmmd's AccessJournal (vmmd/access_journal.py): every read and write
+        # counted in send order, for a successor's replay; None: not kept.
+        self.journal = None
         try:
             self._req = self._bind(ctx, self.req_endpoint)
             self.evt_socket = self._bind(ctx, self.evt_endpoint)
@@ -236,12 +239,16 @@ class VmmChannel:
         with self._locked(deadline, "READ"):
             seq = self._next_seq()
             self._send(protocol.encode(Read(seq, space, addr, size)), deadline, abort_fd, "READ")
+            journal = self.journal
+            index = journal.count(self.generation) if journal is not None else None
             reply = self._await_reply(seq, ReadReply, deadline, abort_fd, f"reply to READ {addr:#x}")
             if reply.value >> (8 * size):
                 text = f"value {reply.value:#x} does not fit a {size}-byte read"
                 self._refuse("malformed", "%s", text)
                 self._complain(ErrorCode.MALFORMED, text)
                 raise ProtocolError(text)
+            if journal is not None:
+                journal.record(index, True, space, addr, size, 0)
         return reply.value
 
     def write(self, space: IoSpace, addr: int, size: int, value: int, timeout: float = DEFAULT_TIMEOUT,
@@ -251,6 +258,9 @@ class VmmChannel:
         deadline = time.monotonic() + timeout
         with self._locked(deadline, "WRITE"):
             self._send(frame, deadline, abort_fd, "WRITE")
+            journal = self.journal
+            if journal is not None:
+                journal.record(journal.count(self.generation), False, space, addr, size, value)
 
     def control(self, op: str, args: dict, timeout: float = DEFAULT_TIMEOUT,
                 abort_fd: int | None = None, max_reply: int | None = None) -> Any:

@@ -140,6 +140,7 @@ class Msi(NamedTuple):
 
 class Checkpoint(NamedTuple):
     state: dict
+    applied: int = 0   # READs and WRITEs the device had handled when it saved `state`
     TYPE = MsgType.CHECKPOINT
 
 
@@ -334,7 +335,7 @@ def _p_vector(f: list) -> Vector:
 
 
 def _p_checkpoint(f: list) -> Checkpoint:
-    return Checkpoint(_map(f[0], "state"))
+    return Checkpoint(_map(f[0], "state"), _uint(f[1], 64, "applied"))
 
 
 def _p_request(f: list) -> Request:
@@ -370,7 +371,7 @@ _PARSERS: dict[int, tuple[int, Callable[[list], Message]]] = {
     MsgType.CONTROL_REPLY: (3, _p_control_reply),
     MsgType.IRQ_LINE: (2, _p_irq_line),
     MsgType.MSI: (2, _p_msi),
-    MsgType.CHECKPOINT: (1, _p_checkpoint),
+    MsgType.CHECKPOINT: (2, _p_checkpoint),
     MsgType.REQUEST: (2, _p_request),
     MsgType.LOG: (2, _p_log),
     MsgType.ERROR: (2, _p_error),

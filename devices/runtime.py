@@ -191,6 +191,9 @@ class RuntimeHost:
         self._backlog: list = []
         self._checkpoint_scheduled = False
         self.faults = 0
+        # READs and WRITEs handled, counted as vmmd counts what it sends: a
+        # checkpoint says how many it covers (vmmd replays the rest into a successor).
+        self.accesses = 0
         self._model_closed = False
 
     def close_model(self) -> None:
@@ -239,7 +242,7 @@ class RuntimeHost:
         except Exception as exc:
             self.report_fault("save_state for a checkpoint", exc)
             return
-        self._send(protocol.Checkpoint(state))
+        self._send(protocol.Checkpoint(state, self.accesses))
 
     def log(self, level: int, text: str) -> None:
         """A LOG event for vmmd (and the same line on our stderr)."""
@@ -271,6 +274,7 @@ class Server:
         self.channel = channel
 
     def read(self, msg) -> None:
+        self.host.accesses += 1
         try:
             value = self.model.io_read(msg.space, msg.addr, msg.size)
             if not isinstance(value, int) or not 0 <= value < 1 << (8 * msg.size):
@@ -282,6 +286,7 @@ class Server:
         self.channel.send_read_reply(msg.seq, value)
 
     def write(self, msg) -> None:
+        self.host.accesses += 1
         try:
             self.model.io_write(msg.space, msg.addr, msg.size, msg.value)
         except Exception as exc:

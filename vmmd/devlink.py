@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from bus import endpoint as bus_endpoint
 from bus.protocol import ProtocolError
 from bus.types import IoSpace
+from vmmd.access_journal import AccessJournal
 from vmmd.authority import RESET_PORTS, ResetPortWatch
 from vmmd.pci.fastpath import PciExpect, close_fds
 from vmmd.ratelimit import TokenBucket
@@ -90,6 +91,7 @@ class ManagedDevice:
         self.generation = 0
         self.current: Incarnation | None = None
         self.last_checkpoint: dict | None = None
+        self.journal = AccessJournal()   # accesses since last_checkpoint, replayed into a successor
         self.ranges = []
         self.last_exit: str | None = None
         self.failures = 0

@@ -263,13 +263,42 @@ class Supervisor:
             close_incarnation(inc)
             log.error("device %s rejected at its handshake: %s", spec.id, exc)
             raise SpawnError(f"device {spec.id} did not complete its handshake: {exc}") from exc
+        pending = dev.journal.begin(gen)
+        channel.journal = dev.journal
+        restored = True
         if dev.last_checkpoint is not None:
             # The state travels over the bus (msgpack), not in the JSON bootstrap.
             try:
                 channel.control("restore", {"state": dev.last_checkpoint}, self.timeout, pidfd)
             except Exception as exc:
+                restored = False
                 log.error("device %s: restoring its last state failed (%s); it starts fresh", spec.id, exc)
+        if restored:
+            try:
+                self._replay(dev, inc, pending)
+            except Exception as exc:
+                dev.journal.put_back(pending)
+                self._kill_and_reap(inc)
+                close_incarnation(inc)
+                raise SpawnError(f"device {spec.id} failed while its accesses were replayed: {exc}") from exc
         return inc, hello
+
+    def _replay(self, dev: ManagedDevice, inc: Incarnation, pending) -> None:
+        """Into a successor restored from the last checkpoint: the guest's
+        accesses sent after it (vmmd/access_journal.py), before the guest
+        touches the device again; read values are discarded."""
+        if pending is None:
+            log.warning("device %s: more accesses since its last checkpoint than the journal keeps; "
+                        "restored from the checkpoint alone", dev.spec.id)
+            return
+        channel = inc.channel
+        for a in []:
+            if a.is_read:
+                channel.read(a.space, a.addr, a.size, self.timeout, inc.pidfd)
+            else:
+                channel.write(a.space, a.addr, a.size, a.value, self.timeout, inc.pidfd)
+        if pending:
+            log.info("device %s: replayed %d accesses made after its last checkpoint", dev.spec.id, len(pending))
 
     @staticmethod
     def _read_pid(fd: int, proc: subprocess.Popen) -> int:
@@ -360,6 +389,11 @@ class Supervisor:
             dev.refuse("msi", "a raw MSI %#x/%#x (devices fire their MSI-X vectors by index)",
                        msg.address, msg.data)
         elif t is protocol.Checkpoint:
+            # Events are read only from the current incarnation (_drain_events).
+            why = dev.journal.acknowledge(dev.generation, msg.applied)
+            if why:
+                dev.refuse("checkpoint", "a checkpoint: %s", why)
+                return
             dev.last_checkpoint = msg.state
         elif t is protocol.Request:
             why = self._request_refusal(dev, msg.what)
@@ -521,6 +555,7 @@ class Supervisor:
         if inc is not None and dev.state == "running":
             try:
                 dev.last_checkpoint = await self._work(dev.control, "save")
+                dev.journal.acknowledge_all(inc.generation)   # the vCPUs are paused: it covers all
             except Exception as exc:
                 log.warning("device %s: no state saved before restart (%s); using its last checkpoint",
                             dev.spec.id, exc)

@@ -208,10 +208,6 @@ def test_pause_resume_keeps_the_loop_running_and_time_monotonic(linux):
 
 # ---- device crash under load ----
 
-@pytest.mark.xfail(reason="open bug (issue 8): COM1 output can stop for good after a kill -9 of the "
-                          "lpc: the restored register checkpoint can predate the guest's last IER "
-                          "write (the device died before checkpointing it); fix: vmmd replays the "
-                          "writes it forwarded since the checkpoint. Passed 1 of 3 lab runs.")
 def test_kill_9_of_lpc_while_printing(linux):
     vm, agent, _ = linux
     (lpc,) = [d for d in vm.rpc("device.list") if d["id"] == "lpc"]

@@ -7,6 +7,9 @@ Registers (PIO 0x500..0x50f), by offset:
   5  r    bit0 started, bit1 quiesced
   6  w    latch the u32 at guest-physical `value`; r: the latched value
   7  w    MSI with data `value`
+  8  r/w  a register whose writes ask for no checkpoint (one the device
+          died before checkpointing)
+  9  r    a FIFO-like counter: each read returns it and adds one, no checkpoint
 Device ops (CONTROL "device"): "stderr" {"bytes", "line"} writes that many
 bytes of `line` repeated to fd 2 (a flooding or forging device); "log_events"
 {"n", "text"} sends n LOG events.
@@ -28,6 +31,8 @@ class FakeDevice(DeviceModel):
         super().__init__(host, options)
         self.reg = options.get("initial", 0)
         self.latched = 0
+        self.unsaved = 0
+        self.pops = 0
         self.started = False
         self.quiesced = False
 
@@ -44,6 +49,11 @@ class FakeDevice(DeviceModel):
             return int(self.started) | int(self.quiesced) << 1
         if off == 6:
             return self.latched
+        if off == 8:
+            return self.unsaved & ((1 << (8 * size)) - 1)
+        if off == 9:
+            self.pops += 1
+            return (self.pops - 1) & ((1 << (8 * size)) - 1)
         return self.reg & ((1 << (8 * size)) - 1) if off == 0 else 0
 
     def io_write(self, space, addr, size, value):
@@ -61,6 +71,8 @@ class FakeDevice(DeviceModel):
             self.latched = self.host.memory.read_u32(value)
         elif off == 7:
             self.host.send_msi(0xFEE00000, value)
+        elif off == 8:
+            self.unsaved = value
 
     async def start(self):
         self.started = True
@@ -76,6 +88,8 @@ class FakeDevice(DeviceModel):
 
     def save_state(self):
         state = {"reg": self.reg}
+        if self.unsaved or self.pops:
+            state.update(unsaved=self.unsaved, pops=self.pops)
         if getattr(self, "blob", None):
             state["blob"] = self.blob
         return state
@@ -84,6 +98,7 @@ class FakeDevice(DeviceModel):
         if type(state.get("reg")) is not int:
             raise ValueError("state has no int 'reg'")
         self.reg = state["reg"]
+        self.unsaved, self.pops = state.get("unsaved", 0), state.get("pops", 0)
         self.blob = state.get("blob")  # lets tests make large checkpoints
 
     def stats(self):

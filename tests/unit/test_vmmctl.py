@@ -12,6 +12,7 @@ import threading
 import pytest
 
 import vmmd
+from bus.types import PROTOCOL_VERSION
 from vmmd import ctl
 from vmmd.api.jsonrpc import Dispatcher
 from vmmd.api.methods import build_registry
@@ -92,7 +93,7 @@ def test_env_var_names_the_socket(api, capsys, monkeypatch):
     path, _ = api
     monkeypatch.setenv("VMMD_API_SOCKET", path)
     code, out, _ = vmmctl(capsys, "version")
-    assert code == 0 and f"vmmd {vmmd.__version__}" in out and "protocol 1" in out
+    assert code == 0 and f"vmmd {vmmd.__version__}" in out and f"protocol {PROTOCOL_VERSION}" in out
 
 
 def test_lifecycle_commands_and_state_errors(api, capsys):
