@@ -26,6 +26,7 @@ import pytest
 
 from tests.conftest import is_root, kvm_available
 from tests.e2e.guest_agent import GuestAgent
+from tests.e2e.timings import BOOT_TIMES
 import tests.vmmd_process as vmmd_process
 from tests.vmmd_process import VmmdProcess
 
@@ -111,7 +112,6 @@ def switch(e2e_dir):
 
 BOOT_MARKERS = (("first console byte", None), ("/init started", "vmmd-guest: init started"),
                 ("shell ready", "vmmd-guest: ready"))
-BOOT_TIMES: list[str] = []  # reported at the end of the session (BENCHMARKS.md "Lab")
 
 
 def _boot_report(name: str, vm: VmmdProcess, t0: float, seen: dict) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.e2e.conftest import boot, restore
 from tests.e2e.guest_agent import GuestAgent
+from tests.e2e.timings import BOOT_TIMES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm, pytest.mark.root]
 
@@ -61,7 +62,9 @@ def test_snapshot_kill_restore_the_guest_continues_with_its_clock(snapguest, e2e
     agent.check("echo before-snapshot > /tmp/marker")
     facts = guest_clock_facts(agent)
     snap = e2e_dir / "linux-snap"
+    t0 = time.monotonic()
     vm.rpc("snapshot.create", {"path": str(snap)}, timeout=900)
+    BOOT_TIMES.append(f"snapshot guest: snapshot.create {time.monotonic() - t0:.1f} s")
     agent.close()
     os.killpg(vm.proc.pid, signal.SIGKILL)     # vmmd and everything it started
     vm.proc.wait(60)
@@ -69,7 +72,7 @@ def test_snapshot_kill_restore_the_guest_continues_with_its_clock(snapguest, e2e
 
     tmp = e2e_dir / "snap-dst"
     tmp.mkdir()
-    vm2, agent2 = restore(tmp, snap, ["--clock", "advance"])
+    vm2, agent2 = restore(tmp, snap, ["--clock", "advance"], name="snapshot guest, restored")
     try:
         assert agent2.check("cat /tmp/marker").strip() == "before-snapshot"
         after = guest_clock_facts(agent2)
