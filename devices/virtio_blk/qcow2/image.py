@@ -5,9 +5,11 @@ pread/pwrite on one fd; all parsing and validation of metadata is format.py's.
 
 Crash consistency (kill -9 at any moment leaves no corruption, only leaks;
 with fdatasync barriers the same holds for power loss):
-  * new clusters come from a small pool whose refcounts are written (and
-    made durable by a barrier) before any L2/L1 entry may point at them; a
-    crash leaves unused pool clusters as leaks;
+  * new clusters come from a pool whose refcounts are written (and made
+    durable) before any L2/L1 entry may point at them; a crash leaves unused
+    pool clusters as leaks. The pool starts at POOL_BYTES and doubles at each
+    refill up to POOL_MAX_BYTES (a sequential writer pays one barrier per
+    pool, not per MiB), so a crash leaks at most that much;
   * data is written before the L2 entry that maps it; a new L2 table is
     written and made durable before the L1 entry that points at it;
   * a freed cluster (discard, COW of a compressed cluster, old refcount
@@ -18,6 +20,16 @@ with fdatasync barriers the same holds for power loss):
   Metadata is written through (never cached dirty), so a kill -9 of the
   device process loses nothing it acknowledged. FLUSH = fdatasync after the
   pending frees, so everything acknowledged is durable.
+"Made durable" for the pool's refcounts and a new L2 table is a write with
+RWF_DSYNC (only those pages are written back, then the disk's cache is
+flushed), not an fdatasync, which would also write back every dirty data page
+of the file: while the guest streams into new clusters that is the
+difference between one small synchronous write and writing the stream
+synchronously. Without RWF_DSYNC (old kernel, file system refusing it) the
+write is followed by fdatasync, as everywhere else.
+A write of whole clusters that are not yet allocated in place takes a
+contiguous run from the pool: one pwritev of the data, then one pwrite of the
+run's L2 entries (same order as one cluster at a time: data, then mapping).
 With lazy refcounts (compatible bit 0) the image is marked dirty on the first
 write, refcounts are kept in memory and written at close; an image found
 dirty at open is repaired (refcounts rebuilt from the L1/L2 tables).
@@ -42,10 +54,15 @@ _SLOW_BITS = fmt.OFLAG_COMPRESSED | fmt.L2E_STD_RESERVED | fmt.OFLAG_ZERO
 L2_CACHE_BYTES = 4 << 20
 MIN_L2_CACHE = 16
 REFBLOCK_CACHE = 32
-POOL_BYTES = 1 << 20
+POOL_BYTES = 1 << 20          # the first pool; each refill doubles it ...
+POOL_MAX_BYTES = 8 << 20      # ... up to this (a kill -9 leaks at most one pool)
+POOL_MAX_CLUSTERS = 1024
 MAX_PENDING_FREES = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+# pwritev2 flag: this write is durable when the call returns (O_DSYNC for one call).
+RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
+_NO_DSYNC = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -260,6 +277,8 @@ class Qcow2Image:
         self.end = -(-self.file_size // self.cs) * self.cs
         self.pool: deque[int] = deque()
         self.pool_size = max(1, min(64, POOL_BYTES // self.cs))
+        self.pool_max = max(self.pool_size, min(POOL_MAX_CLUSTERS, POOL_MAX_BYTES // self.cs))
+        self._dsync = RWF_DSYNC
         self.pending_free: list[int] = []
         self.free_hint = 0
         self._no_reuse = False
@@ -320,6 +339,20 @@ class Qcow2Image:
     def _barrier(self) -> None:
         if self.sync:
             os.fdatasync(self.fd)
+
+    def _write_durable(self, data, offset: int) -> None:
+        """pwrite that is durable on return when barriers are on: RWF_DSYNC
+        syncs just this range (see the module docstring); else fdatasync."""
+        if self.sync and self._dsync:
+            try:
+                if os.pwritev(self.fd, [data], offset, self._dsync) == len(data):
+                    return
+            except OSError as exc:
+                if exc.errno not in _NO_DSYNC:
+                    raise
+                self._dsync = 0      # not here: fdatasync from now on
+        os.pwrite(self.fd, data, offset)
+        self._barrier()
 
     # --- L2 --------------------------------------------------------------------------
 
@@ -387,9 +420,8 @@ class Qcow2Image:
         if not l2:
             l2 = self._alloc()
             self._meta_clash(l2, "new L2 table")
-            os.pwrite(self.fd, bytes(self.cs), l2)
+            self._write_durable(bytes(self.cs), l2)
             self.file_size = max(self.file_size, l2 + self.cs)
-            self._barrier()
             self.meta.add(l2)
             self.l1[i1] = l2 | fmt.OFLAG_COPIED
             os.pwrite(self.fd, _Q.pack(self.l1[i1]), self.h.l1_table_offset + 8 * i1)
@@ -523,19 +555,45 @@ class Qcow2Image:
         return self.pool.popleft()
 
     def _refill_pool(self) -> None:
+        """Take pool_size clusters (free ones first, then from the end of the
+        file), set their refcounts to 1 and make that durable."""
         got = self._find_free(self.pool_size) if not self._no_reuse else []
-        for c in got:
-            self._refcount_add(c, 1)
+        # Searched up to the end: the clusters claimed below (pool, refcount
+        # blocks) are all in use, so the next search starts past them.
+        at_end = self.free_hint >= self.end
+        if self.lazy:
+            for c in got:
+                self._refcount_add(c, 1)
         while len(got) < self.pool_size:
             # Past the end of the file nothing references a cluster: a stale
             # refcount there (an earlier crash's pool) is overwritten, not added to.
-            c = self.end
+            got.append(self.end)
             self.end += self.cs          # claimed before a refcount block may be placed
-            got.append(c)
-            self._refcount_set(c, 1)
+            if self.lazy:
+                self._refcount_set(got[-1], 1)
+            else:
+                self._refblock_for((got[-1] >> self.cb) // self.h.refblock_entries)
+        if at_end:
+            self.free_hint = self.end
+        self.pool_size = min(self.pool_max, 2 * self.pool_size)
         if not self.lazy:
-            self._barrier()
+            self._refcounts_to_one(got)
         self.pool.extend(got)
+
+    def _refcounts_to_one(self, clusters: list[int]) -> None:
+        """Refcount 1 for clusters (free ones: 0 or past the end of the file),
+        written one span per refcount block, each durable on return."""
+        E = self.h.refblock_entries
+        blocks: dict[int, list[int]] = {}
+        for c in clusters:
+            ti, bi = divmod(c >> self.cb, E)
+            blocks.setdefault(self._refblock_for(ti), []).append(bi)
+        for off, idx in blocks.items():
+            b = self._rb_load(off)
+            for bi in idx:
+                fmt.refcount_set(b, bi, 4, 1)
+            lo, hi = 2 * min(idx), 2 * max(idx) + 2
+            self._write_durable(b[lo:hi], off + lo)
 
     def _find_free(self, n: int) -> list[int]:
         out = []
@@ -615,6 +673,34 @@ class Qcow2Image:
     def _contiguous(self, offset: int, length: int, writing: bool) -> int:
         """The host offset of [offset, offset+length) if it is one run of plain
         data clusters (the common case: one I/O, the caller's buffers as they are)."""
+        cb = self.cb
+        gc = offset >> cb
+        k = ((offset + length - 1) >> cb) - gc + 1
+        bits = cb - 3
+        i1, idx = gc >> bits, gc & ((1 << bits) - 1)
+        if idx + k > 1 << bits or i1 >= len(self.l1):
+            return self._contiguous_slow(offset, length, writing)
+        # One L2 table: its entries read straight from the cached table.
+        l2 = self.l1[i1] & fmt.L1E_OFFSET_MASK
+        if not l2:
+            return 0
+        t = self.l2_cache.get(l2)
+        if t is None:
+            t = self._l2_load(l2)
+        e = _Q.unpack_from(t, idx << 3)[0]
+        host = e & fmt.L2E_OFFSET_MASK
+        if not host or e & _SLOW_BITS or host & ((1 << cb) - 1) or (writing and not e & fmt.OFLAG_COPIED):
+            return 0
+        meta = self.meta
+        if host in meta or host + ((k - 1) << cb) >= self.file_size:
+            return self._contiguous_slow(offset, length, writing)   # it raises the error
+        for i in range(1, k):
+            # same flags, next host cluster: the entry is e plus i clusters
+            if _Q.unpack_from(t, (idx + i) << 3)[0] != e + (i << cb) or host + (i << cb) in meta:
+                return self._contiguous_slow(offset, length, writing)
+        return host + (offset & ((1 << cb) - 1))
+
+    def _contiguous_slow(self, offset: int, length: int, writing: bool) -> int:
         cb, cs = self.cb, self.cs
         gc = offset >> cb
         last = (offset + length - 1) >> cb
@@ -689,6 +775,7 @@ class Qcow2Image:
         cur = _Cursor(views)
         pos, end = offset, offset + length
         run_host = run_len = 0
+        l2_span = 1 << (cb - 3)       # guest clusters per L2 table
         while pos < end:
             within = pos & (cs - 1)
             n = min(cs - within, end - pos)
@@ -707,6 +794,15 @@ class Qcow2Image:
             if run_len:
                 pwrite_from(fd, cur.take(run_len), run_host)
                 run_len = 0
+            if n == cs:
+                # Whole clusters (no old content to keep): as many as follow
+                # in this L2 table, newly allocated as one run.
+                k, lim = 1, min(((end - pos) >> cb), l2_span - (gc & (l2_span - 1)))
+                while k < lim and not self._plain(gc + k, True):
+                    k += 1
+                self._write_new_run(gc, k, cur)
+                pos += k << cb
+                continue
             kind, host, cn = self._lookup(gc)
             self._write_new_cluster(gc, kind, host, cn, within, cur.take(n))
             pos += n
@@ -733,6 +829,42 @@ class Qcow2Image:
         self.file_size = max(self.file_size, new + self.cs)
         self._set_l2(gc, new | fmt.OFLAG_COPIED)
         self._release(kind, host, cn)
+
+    def _write_new_run(self, gc: int, k: int, cur: _Cursor) -> None:
+        """Whole guest clusters gc..gc+k-1 (one L2 table) onto new host
+        clusters: per contiguous run taken from the pool, the data in one
+        pwritev, then the run's L2 entries in one pwrite, then the old
+        clusters' refcounts drop (later)."""
+        cs, cb = self.cs, self.cb
+        old = [self._lookup(gc + i) for i in range(k)]
+        l2 = self._ensure_l2(gc)     # the table first: data clusters stay contiguous
+        done = 0
+        while done < k:
+            new, m = self._alloc_run(k - done)
+            pwrite_from(self.fd, cur.take(m << cb), new)
+            self.file_size = max(self.file_size, new + (m << cb))
+            t = self._l2_load(l2)
+            idx = ((gc + done) & ((1 << (cb - 3)) - 1)) << 3
+            struct.pack_into(f">{m}Q", t, idx, *range(new | fmt.OFLAG_COPIED,
+                                                      (new + (m << cb)) | fmt.OFLAG_COPIED, cs))
+            os.pwrite(self.fd, t[idx:idx + 8 * m], l2 + idx)
+            for kind, host, cn in old[done:done + m]:
+                self._release(kind, host, cn)
+            done += m
+
+    def _alloc_run(self, most: int) -> tuple[int, int]:
+        """Up to `most` contiguous clusters from the pool: (first, count)."""
+        first = self._data_host(self._alloc(), True)
+        n = 1
+        pool, cs = self.pool, self.cs
+        while n < most:
+            if not pool:
+                self._refill_pool()   # from the end of the file: usually contiguous
+            if pool[0] != first + n * cs:
+                break
+            self._data_host(pool.popleft(), True)
+            n += 1
+        return first, n
 
     def _release(self, kind: int, host: int, cn: int) -> None:
         """The old mapping of a cluster that was just remapped: drop its refs."""
