@@ -7,9 +7,13 @@ Crash consistency (kill -9 at any moment leaves no corruption, only leaks;
 with fdatasync barriers the same holds for power loss):
   * new clusters come from a pool whose refcounts are written (and made
     durable) before any L2/L1 entry may point at them; a crash leaves unused
-    pool clusters as leaks. The pool starts at POOL_BYTES and doubles at each
-    refill up to POOL_MAX_BYTES (a sequential writer pays one barrier per
-    pool, not per MiB), so a crash leaks at most that much;
+    pool clusters as leaks. Free clusters inside the file are taken
+    POOL_BYTES at a time (so a crash leaks at most that much of them); once
+    the file is full, clusters are claimed past its end, in pools that double
+    at each refill up to POOL_MAX_BYTES (a writer filling the disk pays one
+    barrier per pool). Those are not leaks: past the end of the file nothing
+    is there, qemu-img check ignores their refcounts, and they are
+    overwritten when the file grows over them;
   * data is written before the L2 entry that maps it; a new L2 table is
     written and made durable before the L1 entry that points at it;
   * a freed cluster (discard, COW of a compressed cluster, old refcount
@@ -54,8 +58,8 @@ _SLOW_BITS = fmt.OFLAG_COMPRESSED | fmt.L2E_STD_RESERVED | fmt.OFLAG_ZERO
 L2_CACHE_BYTES = 4 << 20
 MIN_L2_CACHE = 16
 REFBLOCK_CACHE = 32
-POOL_BYTES = 1 << 20          # the first pool; each refill doubles it ...
-POOL_MAX_BYTES = 8 << 20      # ... up to this (a kill -9 leaks at most one pool)
+POOL_BYTES = 1 << 20          # a pool; one taken past the end of the file doubles ...
+POOL_MAX_BYTES = 64 << 20     # ... up to this (see the module docstring)
 POOL_MAX_CLUSTERS = 1024
 MAX_PENDING_FREES = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -276,7 +280,7 @@ class Qcow2Image:
         self.rb_dirty: set[int] = set()
         self.end = -(-self.file_size // self.cs) * self.cs
         self.pool: deque[int] = deque()
-        self.pool_size = max(1, min(64, POOL_BYTES // self.cs))
+        self.pool_base = self.pool_size = max(1, min(64, POOL_BYTES // self.cs))
         self.pool_max = max(self.pool_size, min(POOL_MAX_CLUSTERS, POOL_MAX_BYTES // self.cs))
         self._dsync = RWF_DSYNC
         self.pending_free: list[int] = []
@@ -555,16 +559,17 @@ class Qcow2Image:
         return self.pool.popleft()
 
     def _refill_pool(self) -> None:
-        """Take pool_size clusters (free ones first, then from the end of the
-        file), set their refcounts to 1 and make that durable."""
-        got = self._find_free(self.pool_size) if not self._no_reuse else []
+        """Take pool_base free clusters, or (none left) pool_size clusters
+        from the end of the file; set their refcounts to 1, durably."""
+        got = self._find_free(self.pool_base) if not self._no_reuse else []
         # Searched up to the end: the clusters claimed below (pool, refcount
         # blocks) are all in use, so the next search starts past them.
-        at_end = self.free_hint >= self.end
+        searched_all = not self._no_reuse and self.free_hint >= self.end
+        at_end = searched_all or self._no_reuse
         if self.lazy:
             for c in got:
                 self._refcount_add(c, 1)
-        while len(got) < self.pool_size:
+        while at_end and len(got) < self.pool_size:
             # Past the end of the file nothing references a cluster: a stale
             # refcount there (an earlier crash's pool) is overwritten, not added to.
             got.append(self.end)
@@ -573,9 +578,10 @@ class Qcow2Image:
                 self._refcount_set(got[-1], 1)
             else:
                 self._refblock_for((got[-1] >> self.cb) // self.h.refblock_entries)
-        if at_end:
+        if searched_all:
             self.free_hint = self.end
-        self.pool_size = min(self.pool_max, 2 * self.pool_size)
+        if at_end:
+            self.pool_size = min(self.pool_max, 2 * self.pool_size)
         if not self.lazy:
             self._refcounts_to_one(got)
         self.pool.extend(got)
@@ -836,8 +842,12 @@ class Qcow2Image:
         pwritev, then the run's L2 entries in one pwrite, then the old
         clusters' refcounts drop (later)."""
         cs, cb = self.cs, self.cb
-        old = [self._lookup(gc + i) for i in range(k)]
         l2 = self._ensure_l2(gc)     # the table first: data clusters stay contiguous
+        t = self._l2_load(l2)
+        first = (gc & ((1 << (cb - 3)) - 1)) << 3
+        # the old mappings (mostly none: a cluster written for the first time)
+        old = [self._lookup(gc + i) if e else None
+               for i, e in enumerate(struct.unpack_from(f">{k}Q", t, first))]
         done = 0
         while done < k:
             new, m = self._alloc_run(k - done)
@@ -848,8 +858,9 @@ class Qcow2Image:
             struct.pack_into(f">{m}Q", t, idx, *range(new | fmt.OFLAG_COPIED,
                                                       (new + (m << cb)) | fmt.OFLAG_COPIED, cs))
             os.pwrite(self.fd, t[idx:idx + 8 * m], l2 + idx)
-            for kind, host, cn in old[done:done + m]:
-                self._release(kind, host, cn)
+            for o in old[done:done + m]:
+                if o is not None:
+                    self._release(*o)
             done += m
 
     def _alloc_run(self, most: int) -> tuple[int, int]:
