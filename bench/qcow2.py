@@ -19,7 +19,10 @@ ioeventfd kicks, irqfd interrupts):
 Each workload runs raw, qcow2, raw, qcow2 ... (--rounds times each, default
 3); the figure is the best run of each (the machine is shared), with the
 median and the longest wait for a completion beside it. Target: qcow2 >= 80 %
-of raw. A run that gets no completion for 10 s is reported on stderr and
+of raw. Beside the rates, the device process's CPU time per request (median
+over the runs; /proc/PID/stat) for each format, and raw's as a percentage
+of qcow2's: the backend's own cost, which a busy machine barely changes,
+while the rates swing with the other processes' load. A run that gets no completion for 10 s is reported on stderr and
 waited for up to 120 s (a starved machine); past that the benchmark stops
 with what it has and says which workload stalled, with the load average.
 
@@ -56,6 +59,11 @@ WORKLOADS = [
     ("seqwrite-128k-qd8", "write", 128 << 10, 8, True, "data"),
     ("seqwrite-alloc-128k-qd8", "write", 128 << 10, 8, True, "alloc"),
 ]
+
+
+def _median_cpu(runs: list) -> float | None:
+    v = [r["device_cpu_us"] for r in runs if r.get("device_cpu_us") is not None]
+    return statistics.median(v) if v else None
 
 
 def main() -> int:
@@ -99,10 +107,12 @@ def main() -> int:
                     pass
         load = os.getloadavg()
         with Harness(sandbox="on", mem_size=256 << 20, timeout=60.0) as h:
-            h.add_device(blk_spec(raw, 2, ["cache=writeback", "format=raw"]))
-            h.add_device(blk_spec(qcow, 3, ["cache=writeback", "format=qcow2"]))
-            h.add_device(blk_spec(araw, 4, ["cache=writeback", "format=raw"]))
-            h.add_device(blk_spec(aqcow, 5, ["cache=writeback", "format=qcow2"]))
+            devs = [h.add_device(blk_spec(raw, 2, ["cache=writeback", "format=raw"])),
+                    h.add_device(blk_spec(qcow, 3, ["cache=writeback", "format=qcow2"])),
+                    h.add_device(blk_spec(araw, 4, ["cache=writeback", "format=raw"])),
+                    h.add_device(blk_spec(aqcow, 5, ["cache=writeback", "format=qcow2"]))]
+            pids = dict(zip((("data", "raw"), ("data", "qcow2"), ("alloc", "raw"), ("alloc", "qcow2")),
+                            (d.current.pid if d.current else None for d in devs)))
             disks = {("data", "raw"): VirtioBlk(h, 2), ("data", "qcow2"): VirtioBlk(h, 3),
                      ("alloc", "raw"): VirtioBlk(h, 4), ("alloc", "qcow2"): VirtioBlk(h, 5)}
             for (which, _), d in disks.items():
@@ -121,13 +131,15 @@ def main() -> int:
                                     os.close(fd)
                                 r = run_harness(disks[which, kind], rw, bs, qd, seq, args.seconds,
                                                 start_block=next_block[kind], stop_at_end=True,
-                                                max_requests=(args.alloc_run << 20) // bs)
+                                                max_requests=(args.alloc_run << 20) // bs,
+                                                device_pid=pids[which, kind])
                                 next_block[kind] = r["next_block"]
                                 if r["wrapped"]:
                                     print(f"bench: {kind} allocating disk full (--alloc-size)",
                                           file=sys.stderr)
                             else:
-                                r = run_harness(disks[which, kind], rw, bs, qd, seq, args.seconds)
+                                r = run_harness(disks[which, kind], rw, bs, qd, seq, args.seconds,
+                                                device_pid=pids[which, kind])
                             runs[kind].setdefault(name, []).append(r)
             except Stalled as exc:
                 stalled = str(exc)
@@ -154,7 +166,8 @@ def main() -> int:
                      "qcow2_median_iops": statistics.median(x["iops"] for x in qq),
                      "raw_runs": [round(x["iops"]) for x in rr],
                      "qcow2_runs": [round(x["iops"]) for x in qq],
-                     "max_wait_s": max(x["max_wait_s"] for x in rr + qq)})
+                     "max_wait_s": max(x["max_wait_s"] for x in rr + qq),
+                     "raw_cpu_us": _median_cpu(rr), "qcow2_cpu_us": _median_cpu(qq)})
     out = {"seconds": args.seconds, "rounds": args.rounds, "size_mib": args.size,
            "alloc_size_mib": args.alloc_size, "cluster_size": args.cluster_size,
            "loadavg_before": load, "loadavg_after": load_after, "rows": rows, "stalled": stalled,
@@ -167,12 +180,14 @@ def main() -> int:
           f"{args.seconds:g} s x{args.rounds} per workload, sandbox on, {os.cpu_count()} CPUs, "
           f"load {load[0]:.2f} -> {load_after[0]:.2f}")
     print(f"{'workload':<24} {'raw (best)':>24} {'qcow2 (best)':>24} {'best':>7} {'median':>7} "
-          f"{'max wait':>9}")
+          f"{'max wait':>9} {'device CPU us/req raw, qcow2':>29}")
     for r in rows:
         med = r["qcow2_median_iops"] / r["raw_median_iops"] if r["raw_median_iops"] else 0
+        cpu = (f"{r['raw_cpu_us']:8.0f} {r['qcow2_cpu_us']:8.0f} ({100 * r['raw_cpu_us'] / r['qcow2_cpu_us']:3.0f}%)"
+               if r["raw_cpu_us"] and r["qcow2_cpu_us"] else "-")
         print(f"{r['workload']:<24} {r['raw_iops']:9.0f} IOPS {r['raw_mbps']:7.1f}MB/s "
               f"{r['qcow2_iops']:9.0f} IOPS {r['qcow2_mbps']:7.1f}MB/s {100 * r['ratio']:6.1f}% "
-              f"{100 * med:6.1f}% {r['max_wait_s']:8.2f}s")
+              f"{100 * med:6.1f}% {r['max_wait_s']:8.2f}s {cpu:>29}")
     for r in rows:
         print(f"  {r['workload']}: raw {r['raw_runs']} qcow2 {r['qcow2_runs']} IOPS")
     if check is not None:

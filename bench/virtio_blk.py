@@ -50,17 +50,31 @@ STALL_WARN = 10.0     # seconds without a completion: say so on stderr, keep wai
 STALL_LIMIT = 120.0   # ... up to this (a loaded machine may starve the device that long)
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time a process has used (None without a pid / once it is gone)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Stalled(RuntimeError):
     """No completion within STALL_LIMIT: the run is abandoned, with the load."""
 
 
 def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, seconds: float,
                 start_block: int = 0, stop_at_end: bool = False, max_requests: int | None = None,
-                stall_limit: float = STALL_LIMIT) -> dict:
+                stall_limit: float = STALL_LIMIT, device_pid: int | None = None) -> dict:
     """QD requests in flight for `seconds`. Sequential runs start at
     start_block and wrap at the end of the disk (or, with stop_at_end, stop
     there); the result says where the next run would start (next_block).
     max_requests: stop submitting after that many (and `seconds`, whichever first).
+    device_pid: the device process, whose CPU time per request is reported
+    (device_cpu_us: what the device spent, however busy the machine was).
     max_wait_s is the longest wait for a completion: on a starved machine it
     shows in the figures instead of killing the benchmark."""
     nsect = bs // SECTOR
@@ -97,6 +111,7 @@ def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, se
         inflight += 1
     done = 0
     max_wait = 0.0
+    cpu0 = cpu_seconds(device_pid)
     start = time.perf_counter()
     deadline = start + seconds
     disk.kick()
@@ -127,8 +142,11 @@ def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, se
                 inflight += 1
             disk.kick()
     elapsed = time.perf_counter() - start
+    cpu1 = cpu_seconds(device_pid)
+    cpu_us = 1e6 * (cpu1 - cpu0) / done if cpu0 is not None and cpu1 is not None and done else None
     return {"iops": done / elapsed, "mbps": done * bs / elapsed / 1e6, "requests": done,
-            "max_wait_s": max_wait, "next_block": pos[0], "wrapped": wrapped[0]}
+            "max_wait_s": max_wait, "next_block": pos[0], "wrapped": wrapped[0],
+            "device_cpu_us": cpu_us}
 
 
 def run_fio(path: str, rw: str, bs: int, qd: int, sequential: bool, seconds: float,

@@ -109,10 +109,12 @@ class _Cursor:
         return out
 
 
-def pread_into(fd: int, views: list, offset: int, file_size: int | None = None) -> None:
-    """Fill views from fd at offset; bytes past the end of the file read as zeros."""
+def pread_into(fd: int, views: list, offset: int, total: int | None = None) -> None:
+    """Fill views (total bytes, if the caller knows) from fd at offset; bytes
+    past the end of the file read as zeros."""
     if len(views) <= 1024:
-        total = sum(map(len, views))
+        if total is None:
+            total = sum(map(len, views))
         n = os.preadv(fd, views, offset)
         if n == total:
             return
@@ -144,9 +146,10 @@ def _skip(views: list, n: int) -> list:
     return views
 
 
-def pwrite_from(fd: int, views: list, offset: int) -> None:
+def pwrite_from(fd: int, views: list, offset: int, total: int | None = None) -> None:
     if len(views) <= 1024:
-        total = sum(map(len, views))
+        if total is None:
+            total = sum(map(len, views))
         n = os.pwritev(fd, views, offset)
         if n == total:
             return
@@ -633,13 +636,13 @@ class Qcow2Image:
 
     def read_into(self, offset: int, views: list) -> None:
         """Fill views with the guest bytes at offset (past the virtual size: error)."""
-        length = sum(len(v) for v in views)
+        length = sum(map(len, views))
         if offset < 0 or offset + length > self.size:
             raise Qcow2Error(f"read of {length} bytes at {offset} is outside the disk")
         cs, cb, fd = self.cs, self.cb, self.fd
         host = self._contiguous(offset, length, False)
         if host:
-            pread_into(fd, list(views), host)
+            pread_into(fd, views, host, length)
             return
         cur = _Cursor(views)
         pos, end = offset, offset + length
@@ -771,12 +774,12 @@ class Qcow2Image:
         self.write_from(offset, [memoryview(data).cast("B")])
 
     def write_from(self, offset: int, views: list) -> None:
-        length = sum(len(v) for v in views)
+        length = sum(map(len, views))
         self._writable(offset, length)
         cs, cb, fd = self.cs, self.cb, self.fd
         host = self._contiguous(offset, length, True)
         if host:
-            pwrite_from(fd, list(views), host)
+            pwrite_from(fd, views, host, length)
             return
         cur = _Cursor(views)
         pos, end = offset, offset + length
