@@ -22,9 +22,12 @@ median and the longest wait for a completion beside it. Target: qcow2 >= 80 %
 of raw. Beside the rates, the device process's CPU time per request (median
 over the runs; /proc/PID/stat) for each format, and raw's as a percentage
 of qcow2's: the backend's own cost, which a busy machine barely changes,
-while the rates swing with the other processes' load. A run that gets no completion for 10 s is reported on stderr and
-waited for up to 120 s (a starved machine); past that the benchmark stops
-with what it has and says which workload stalled, with the load average.
+while the rates swing with the other processes' load.
+
+A run that gets no completion for 10 s is reported on stderr and waited for
+up to 120 s (a starved machine); past that the benchmark stops with what it
+has and says which workload and disk stalled, with the load average
+(likewise if a request fails).
 
     python bench/qcow2.py [--seconds S] [--rounds N] [--size MiB] [--alloc-size MiB]
                           [--alloc-run MiB] [--cluster-size N] [--only NAME,...] [--json]
@@ -45,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.virtio_blk import Stalled, run_harness  # noqa: E402
+from bench.virtio_blk import run_harness  # noqa: E402
 from tests.harness.blk import VirtioBlk, blk_spec  # noqa: E402
 from tests.harness.driver import Harness  # noqa: E402
 
@@ -141,9 +144,9 @@ def main() -> int:
                                 r = run_harness(disks[which, kind], rw, bs, qd, seq, args.seconds,
                                                 device_pid=pids[which, kind])
                             runs[kind].setdefault(name, []).append(r)
-            except Stalled as exc:
-                stalled = str(exc)
-                print(f"bench: stalled: {exc}; stopping here", file=sys.stderr)
+            except RuntimeError as exc:   # Stalled, or a request that failed
+                stalled = f"{name} on {kind}: {exc}"
+                print(f"bench: {stalled}; stopping here", file=sys.stderr)
         load_after = os.getloadavg()
         check = subprocess.run(["qemu-img", "check", qcow], capture_output=True, text=True) \
             if shutil.which("qemu-img") else None
@@ -194,7 +197,7 @@ def main() -> int:
         print(f"qemu-img check afterwards: allocated image exit {check.returncode}, "
               f"allocating image exit {acheck.returncode}")
     if stalled:
-        print(f"STALLED: {stalled} (the rows above are the workloads before it)")
+        print(f"STOPPED: {stalled} (the rows above are the workloads before it)")
         return 1
     return 0
 

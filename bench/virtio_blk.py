@@ -130,7 +130,8 @@ def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, se
         max_wait = max(max_wait, time.perf_counter() - t0)
         for r in reqs:
             if r.status != 0:
-                raise RuntimeError(f"request failed with status {r.status}")
+                what = "no status written" if r.status == 0xEE else f"status {r.status}"
+                raise RuntimeError(f"{rw} {bs} B QD{qd}: a request completed with {what}")
         inflight -= len(reqs)
         done += len(reqs)
         if time.perf_counter() < deadline and more():
