@@ -13,7 +13,8 @@ with fdatasync barriers the same holds for power loss):
     at each refill up to POOL_MAX_BYTES (a writer filling the disk pays one
     barrier per pool). Those are not leaks: past the end of the file nothing
     is there, qemu-img check ignores their refcounts, and they are
-    overwritten when the file grows over them;
+    overwritten when the file grows over them (unless a refcount block
+    placed after them grows the file first: then at most one pool leaks);
   * data is written before the L2 entry that maps it; a new L2 table is
     written and made durable before the L1 entry that points at it;
   * a freed cluster (discard, COW of a compressed cluster, old refcount
@@ -781,6 +782,9 @@ class Qcow2Image:
         if host:
             pwrite_from(fd, views, host, length)
             return
+        if not (offset | length) & (cs - 1) and self._unallocated(offset >> cb, length >> cb):
+            self._write_new_run(offset >> cb, length >> cb, _Cursor(views))
+            return            # whole clusters never written (a guest filling its disk)
         cur = _Cursor(views)
         pos, end = offset, offset + length
         run_host = run_len = 0
@@ -838,6 +842,20 @@ class Qcow2Image:
         self.file_size = max(self.file_size, new + self.cs)
         self._set_l2(gc, new | fmt.OFLAG_COPIED)
         self._release(kind, host, cn)
+
+    def _unallocated(self, gc: int, k: int) -> bool:
+        """Guest clusters gc..gc+k-1 lie in one L2 table and none is mapped."""
+        bits = self.cb - 3
+        i1, idx = gc >> bits, gc & ((1 << bits) - 1)
+        if idx + k > 1 << bits or i1 >= len(self.l1):
+            return False
+        l2 = self.l1[i1] & fmt.L1E_OFFSET_MASK
+        if not l2:
+            return True
+        t = self.l2_cache.get(l2)
+        if t is None:
+            t = self._l2_load(l2)
+        return t.count(0, idx << 3, (idx + k) << 3) == k << 3
 
     def _write_new_run(self, gc: int, k: int, cur: _Cursor) -> None:
         """Whole guest clusters gc..gc+k-1 (one L2 table) onto new host
