@@ -573,15 +573,22 @@ class Qcow2Image:
         if self.lazy:
             for c in got:
                 self._refcount_add(c, 1)
+        E = self.h.refblock_entries
         while at_end and len(got) < self.pool_size:
             # Past the end of the file nothing references a cluster: a stale
             # refcount there (an earlier crash's pool) is overwritten, not added to.
-            got.append(self.end)
-            self.end += self.cs          # claimed before a refcount block may be placed
+            # Claimed (up to the end of one refcount block's range) before
+            # that block may be placed, at the new end.
+            c = self.end
+            ti = (c >> self.cb) // E
+            m = min(self.pool_size - len(got), (ti + 1) * E - (c >> self.cb))
+            got.extend(range(c, c + m * self.cs, self.cs))
+            self.end += m * self.cs
             if self.lazy:
-                self._refcount_set(got[-1], 1)
+                for x in got[-m:]:
+                    self._refcount_set(x, 1)
             else:
-                self._refblock_for((got[-1] >> self.cb) // self.h.refblock_entries)
+                self._refblock_for(ti)
         if searched_all:
             self.free_hint = self.end
         if at_end:
@@ -595,15 +602,21 @@ class Qcow2Image:
         written one span per refcount block, each durable on return."""
         E = self.h.refblock_entries
         blocks: dict[int, list[int]] = {}
+        last_ti = last = None
         for c in clusters:
             ti, bi = divmod(c >> self.cb, E)
-            blocks.setdefault(self._refblock_for(ti), []).append(bi)
+            if ti != last_ti:
+                last_ti, last = ti, blocks.setdefault(self._refblock_for(ti), [])
+            last.append(bi)
         for off, idx in blocks.items():
             b = self._rb_load(off)
-            for bi in idx:
-                fmt.refcount_set(b, bi, 4, 1)
-            lo, hi = 2 * min(idx), 2 * max(idx) + 2
-            self._write_durable(b[lo:hi], off + lo)
+            lo, hi = min(idx), max(idx) + 1
+            if hi - lo == len(idx):           # a contiguous range: one slice
+                b[2 * lo:2 * hi] = b"\0\1" * (hi - lo)
+            else:
+                for bi in idx:
+                    fmt.refcount_set(b, bi, 4, 1)
+            self._write_durable(b[2 * lo:2 * hi], off + 2 * lo)
 
     def _find_free(self, n: int) -> list[int]:
         out = []
