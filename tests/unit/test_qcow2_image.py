@@ -436,12 +436,14 @@ def test_sequential_allocation_is_contiguous_and_needs_no_fdatasync(tmp_path, mo
     data = os.urandom(12 << 20)
     for off in range(0, len(data), 128 << 10):
         img.write(off, data[off:off + (128 << 10)])
-    assert syncs == []
+    if img._dsync:                       # else this file system refused RWF_DSYNC
+        assert syncs == []
     assert img.pool_size > img.pool_base                  # claimed past the end: it grew
     ext = [e for e in img.block_status(0, img.size) if e[2] == "data"]
     assert len(ext) == 1 and ext[0][:2] == (0, len(data))
+    before = len(syncs)
     img.flush()
-    assert len(syncs) == 1
+    assert len(syncs) == before + 1
     monkeypatch.setattr(os, "fdatasync", real)
     img.close()
     assert qemu_check(path) == 0
