@@ -427,6 +427,13 @@ def main(kind: str, model_module: str | None = None, policy: Any = None,
         boot = parse_bootstrap(args.bootstrap, kind)
     except BootstrapError as exc:
         _usage_exit(kind, str(exc))
+    run(boot, kind, model_module, policy)
+
+
+def run(boot: Bootstrap, kind: str, model_module: str | None = None, policy: Any = None) -> NoReturn:
+    """Everything after the bootstrap was parsed, in the security order of the
+    module doc: the same for a process exec'd with --bootstrap and for a spare
+    (devices/spare.py) that received it later."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"[{boot.id}] %(levelname)s %(name)s: %(message)s")
     if boot.unknown_keys:

@@ -83,8 +83,11 @@ class Supervisor:
                  iospace, irq_line, on_request, sandbox: str, timeout: float,
                  pci=None, fast_path: bool = True, crash_limit: tuple[int, float] = CRASH_LIMIT,
                  cgroup_limits: dict[str, CgroupLimits] | None = None,
-                 device_ids: tuple[int, int] | None = None):
+                 device_ids: tuple[int, int] | None = None, spares=None):
         self.loop = loop
+        # vmmd.spare_pool.SparePool (vmmd --restore-wait): pre-started processes
+        # a spawn takes instead of exec'ing one, while any are left.
+        self.spares = spares
         self.rundir = rundir
         self.memory = memory
         self.iospace = iospace
@@ -224,12 +227,14 @@ class Supervisor:
         pass_fds.extend(jail.pass_fds)
         cmd = self.command(spec, boot)
         try:
-            proc = subprocess.Popen(
-                cmd, pass_fds=pass_fds,
-                stdin=None if spec.stdio else subprocess.DEVNULL,
-                stdout=None if spec.stdio else jail.log_w,
-                stderr=jail.log_w,
-                close_fds=True)
+            proc = self._from_spare(spec, boot, pass_fds, jail.log_w)
+            if proc is None:
+                proc = subprocess.Popen(
+                    cmd, pass_fds=pass_fds,
+                    stdin=None if spec.stdio else subprocess.DEVNULL,
+                    stdout=None if spec.stdio else jail.log_w,
+                    stderr=jail.log_w,
+                    close_fds=True)
         except OSError as exc:
             for fd in (status_r, status_w, life_r, life_w):
                 os.close(fd)
@@ -282,6 +287,31 @@ class Supervisor:
                 close_incarnation(inc)
                 raise SpawnError(f"device {spec.id} failed while its accesses were replayed: {exc}") from exc
         return inc, hello
+
+    def _from_spare(self, spec: DeviceSpec, boot: dict, pass_fds: list[int], log_w: int):
+        """A pre-started process (devices/spare.py) given this incarnation's
+        bootstrap and exactly the fds the Popen below would pass, with the same
+        stdio; None when there is no spare (or it died): start one cold."""
+        from devices.spare import KINDS
+        if self.spares is None or spec.kind not in KINDS:
+            return None
+        while (spare := self.spares.take()) is not None:
+            devnull = None
+            try:
+                if spec.stdio:
+                    stdio = (0, 1, log_w)
+                else:
+                    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    stdio = (devnull, log_w, log_w)
+                return spare.hand_over(spec.kind, json.dumps(boot), pass_fds, stdio)
+            except OSError as exc:
+                log.warning("device %s: spare process pid %d gone (%s); trying another",
+                            spec.id, spare.proc.pid, exc)
+                spare.discard()
+            finally:
+                if devnull is not None:
+                    os.close(devnull)
+        return None
 
     def _replay(self, dev: ManagedDevice, inc: Incarnation, pending) -> None:
         """Into a successor restored from the last checkpoint: the guest's

@@ -1,0 +1,172 @@
+"""Spare device processes for `vmmd --restore-wait` (devices/spare.py).
+
+A spare is a device process exec'd ahead of time (`python -m devices.spare`)
+that imports everything and waits on a socket pair for its bootstrap; the
+supervisor hands one to a device start instead of exec'ing
+`python -m devices.<kind>` (Supervisor._spawn_blocking), and from there the
+process follows the cold start's path: cgroup, namespaces, ids, model,
+handshake, jail. Each spare serves one device incarnation, once.
+
+Why spares rather than a zygote that forks devices: children of one zygote
+share its address-space layout (ASLR), its string-hash secret and whatever
+else it holds, so one compromised device would learn the layout of every
+other device on the host; restoring that per child would mean an exec, the
+cost this avoids. A spare is a fresh exec with nothing of another device.
+The price: memory (~45 MiB resident per waiting spare) and a bounded
+number of pre-started devices; a restore needing more starts the rest cold.
+
+Until its bootstrap a spare's stdout and stderr are a pipe read here
+(anything it says, e.g. an import error, is logged as "spare: ...").
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+from devices.spare import KINDS, READY
+
+log = logging.getLogger(__name__)
+
+MAX_SPARES = 16
+
+
+class Spare:
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket, log_r: int):
+        self.proc = proc
+        self.sock = sock
+        self.log_r = log_r
+        self.ready = False
+
+    def poll_ready(self) -> bool:
+        """True once the spare said READY (its imports are done)."""
+        if not self.ready:
+            try:
+                self.ready = self.sock.recv(16, socket.MSG_DONTWAIT) == READY
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                pass
+        return self.ready
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def hand_over(self, kind: str, bootstrap: str, fds: list[int], stdio: tuple[int, int, int]) -> subprocess.Popen:
+        """Send the bootstrap and its fds (vmmd keeps its copies); the spare becomes
+        the device's launcher. OSError if the spare is gone."""
+        if kind not in KINDS:
+            raise ValueError(f"spares do not run {kind!r} devices")
+        fds = list(dict.fromkeys([*fds, *stdio]))
+        msg = json.dumps({"kind": kind, "bootstrap": bootstrap, "fds": fds, "stdio": list(stdio)}).encode()
+        try:
+            self.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        finally:
+            self.sock.close()
+            self.drain_log()
+        return self.proc
+
+    def drain_log(self) -> None:
+        """What the spare said before its bootstrap, into vmmd's log; closes the pipe."""
+        if self.log_r < 0:
+            return
+        os.set_blocking(self.log_r, False)
+        try:
+            said = os.read(self.log_r, 64 * 1024)
+        except OSError:
+            said = b""
+        os.close(self.log_r)
+        self.log_r = -1
+        for line in said.decode("utf-8", "replace").splitlines():
+            log.warning("spare: %r", line)
+
+    def discard(self) -> None:
+        """Not needed: EOF makes it exit; killed if it does not within a second."""
+        self.sock.close()
+        try:
+            self.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.drain_log()
+
+
+class SparePool:
+    """Up to `count` spares, started by start(); take() hands one out (ready ones
+    first), None when there is none left."""
+
+    def __init__(self, count: int, python: str = sys.executable):
+        if not 0 <= count <= MAX_SPARES:
+            raise ValueError(f"spare count must be 0..{MAX_SPARES}")
+        self.count = count
+        self.python = python
+        self._spares: list[Spare] = []
+        self._lock = threading.Lock()
+
+    def _spawn_one(self) -> Spare:
+        vmm_end, spare_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        log_r, log_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-m", "devices.spare", "--socket-fd", str(spare_end.fileno())],
+                pass_fds=[spare_end.fileno()], stdin=subprocess.DEVNULL, stdout=log_w, stderr=log_w,
+                close_fds=True)
+        except OSError:
+            vmm_end.close()
+            os.close(log_r)
+            raise
+        finally:
+            spare_end.close()
+            os.close(log_w)
+        return Spare(proc, vmm_end, log_r)
+
+    def fill(self) -> None:
+        """Start spares up to `count` (dead ones are dropped first)."""
+        with self._lock:
+            dead = [s for s in self._spares if not s.alive()]
+            self._spares = [s for s in self._spares if s.alive()]
+        for s in dead:
+            s.discard()
+        while True:
+            with self._lock:
+                if len(self._spares) >= self.count:
+                    return
+            try:
+                spare = self._spawn_one()
+            except OSError as exc:
+                log.warning("cannot start a spare device process: %s", exc)
+                return
+            with self._lock:
+                self._spares.append(spare)
+
+    def take(self) -> Spare | None:
+        with self._lock:
+            live = [s for s in self._spares if s.alive()]
+            dead = [s for s in self._spares if s not in live]
+            pick = next((s for s in live if s.poll_ready()), live[0] if live else None)
+            self._spares = [s for s in live if s is not pick]
+        for s in dead:
+            s.discard()
+        return pick
+
+    def status(self) -> dict:
+        with self._lock:
+            live = [s for s in self._spares if s.alive()]
+            ready = sum(1 for s in live if s.poll_ready())
+        return {"ready": ready, "starting": len(live) - ready}
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [s.proc.pid for s in self._spares]
+
+    def close(self) -> None:
+        with self._lock:
+            spares, self._spares = self._spares, []
+        for s in spares:
+            s.discard()
