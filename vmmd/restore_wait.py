@@ -34,7 +34,7 @@ import time
 
 from vmmd.api.jsonrpc import INVALID_PARAMS, ApiError, Dispatcher, Registry
 from vmmd.config import (LOG_LEVELS, SANDBOX_MODES, ConfigError, _check_socket_path, _choice,
-                         _float, _int)
+                         _float, _int, error_line)
 from vmmd.spare_pool import MAX_SPARES
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ class WaitConfig:
     log_level: str = "info"
     device_timeout: float | None = None
     spares: int = DEFAULT_SPARES
+
+
+def _refusal(code: int, exc: BaseException | str) -> ApiError:
+    """The message `vmmd --restore` prints after "vmmd: error: " for the same problem."""
+    return ApiError(code, error_line(exc)[len("vmmd: error: "):])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,7 +206,7 @@ class Waiter:
         try:
             req = snaprestore.parse_restore_args(params_to_argv(params))
         except ConfigError as exc:
-            raise ApiError(INVALID_PARAMS, str(exc)) from None
+            raise _refusal(INVALID_PARAMS, exc) from None
         if req.sandbox is None:
             req.sandbox = self.wcfg.sandbox
         if req.device_timeout is None:
@@ -209,9 +214,9 @@ class Waiter:
         try:
             prepared = await loop.run_in_executor(None, snaprestore.prepare, req)
         except (ConfigError, SnapshotError) as exc:
-            raise ApiError(RESTORE_REFUSED, str(exc)) from None
+            raise _refusal(RESTORE_REFUSED, exc) from None
         except OSError as exc:
-            raise ApiError(RESTORE_REFUSED, f"snapshot: {exc}") from None
+            raise _refusal(RESTORE_REFUSED, f"snapshot: {exc}") from None
         prepared.cfg = dataclasses.replace(prepared.cfg, api_socket=self.wcfg.api_socket)
         prepared.timings.update(main_at=arrived, since="the snapshot.restore call")
         logging.getLogger().setLevel(getattr(logging, prepared.cfg.log_level.upper(), logging.INFO))
@@ -225,10 +230,10 @@ class Waiter:
         except BaseException as exc:
             await self._undo(machine, prepared)
             if isinstance(exc, (ConfigError, SnapshotError)):
-                raise ApiError(RESTORE_REFUSED, str(exc)) from None
+                raise _refusal(RESTORE_REFUSED, exc) from None
             if isinstance(exc, Exception):
                 log.error("restore of %s failed", req.path, exc_info=True)
-                raise ApiError(RESTORE_REFUSED, f"{type(exc).__name__}: {exc}") from None
+                raise _refusal(RESTORE_REFUSED, f"{type(exc).__name__}: {exc}") from None
             raise
         self._became_vm(machine)
         return {**(machine.restore_report or {}), "state": machine.state}
