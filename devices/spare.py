@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     preload()
     try:
         sock.send(READY)
+    except OSError:
+        pass          # vmmd already sent the bootstrap and closed its end (or went away)
+    try:
         data, received = _receive(sock)
     except OSError:
         os._exit(0)   # vmmd went away
