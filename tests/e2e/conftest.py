@@ -177,6 +177,27 @@ def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
     return vm, agent
 
 
+def restore(tmp: Path, snapshot: Path, args: list[str], *, netns: str | None = None,
+            name: str = "restored guest") -> tuple[VmmdProcess, GuestAgent]:
+    """`vmmd --restore`, with new COM1/COM2 sockets; once its agent answers."""
+    com2 = tmp / "com2.sock"
+    vm = VmmdProcess(tmp, ["--restore", str(snapshot), "-l", f"com2,socket,{com2}", *args],
+                     netns=netns, com1="socket")
+    t0 = time.monotonic()
+    vm.wait_api(timeout=900)
+    vm.attach_console()
+    agent = GuestAgent(str(com2))
+    agent.connect(60)
+    try:
+        agent.wait_ready(BOOT_TIMEOUT)
+    except Exception:
+        vm.stop()
+        raise AssertionError(f"the restored guest's agent never answered.\nconsole tail: "
+                             f"{vm.output()[-3000:]}\nvmmd stderr: {vm.stderr()[-3000:]}")
+    BOOT_TIMES.append(f"{name}: vmmd --restore start -> agent answering {time.monotonic() - t0:.1f} s")
+    return vm, agent
+
+
 @pytest.fixture(scope="session")
 def data_disk(e2e_dir):
     path = e2e_dir / "data.img"
