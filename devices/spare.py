@@ -8,6 +8,10 @@ space layout, own hash secret; nothing shared with another device), vmmd's
 child, root in vmmd's namespaces like that launcher, holding nothing but
 its stdio and one end of a socket pair with vmmd. It:
 
+  0. joins the cgroup vmmd made for it (fds on cgroup.procs, as a cold
+     launcher does at the start of isolate()); vmmd renames it to the
+     device incarnation's and writes that device's limits when it hands
+     the spare its bootstrap, whose cgroup_fds are then empty;
   1. imports what every device kind runs (the runtime, the bus, zmq,
      uvloop, each kind's model and policy) -- no thread is started and
      no file opened, so isolate() still finds it single-threaded;
@@ -22,12 +26,10 @@ its stdio and one end of a socket pair with vmmd. It:
      handshake, jail -- the same path, in the same order, as a device
      started cold.
 
-The only difference from a cold start is when the imports ran: before the
-process joined its cgroup and namespaces instead of after. They read the
-same code files; the memory they took stays charged to vmmd's cgroup
-(cgroups do not move charges on join), so the device's own memory limit
-counts what it allocates from its bootstrap on. EOF on the socket (vmmd
-gone or the spare not needed) ends the process.
+The difference from a cold start is when the imports ran: before the
+process entered its namespaces instead of after (same code files, no input
+from anyone yet). EOF on the socket (vmmd gone or the spare not needed)
+ends the process.
 """
 
 from __future__ import annotations
@@ -133,8 +135,13 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m devices.spare")
     p.add_argument("--socket-fd", type=int, required=True)
+    p.add_argument("--cgroup-fds", default="", help="cgroup.procs fds of the spare's cgroup")
     args = p.parse_args(argv)
     sock = socket.socket(fileno=args.socket_fd)
+    if args.cgroup_fds:
+        # First, as a cold launcher joins its cgroup first: the imports are charged to it.
+        from sandbox.namespaces import join_cgroups
+        join_cgroups([int(fd) for fd in args.cgroup_fds.split(",")])
     preload()
     try:
         sock.send(READY)

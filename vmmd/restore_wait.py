@@ -322,5 +322,6 @@ async def serve_waiting(wcfg: WaitConfig) -> int:
         with contextlib.suppress(Exception):
             await fill
         spares.close()
+        spares.close_cgroups()   # the VM's devices (and their cgroups) are gone by now
         if waiter.machine is None:
             kvm.close()

@@ -17,6 +17,13 @@ number of pre-started devices; a restore needing more starts the rest cold.
 
 Until its bootstrap a spare's stdout and stderr are a pipe read here
 (anything it says, e.g. an import error, is logged as "spare: ...").
+
+Each spare runs in a cgroup of its own from its first instruction (it joins
+it through fds on cgroup.procs, as a cold launcher does, before it imports
+anything: its imports are charged to it as a cold device's are); when it
+becomes a device, vmmd writes that device's limits into it and renames it to
+the incarnation's name (vmmd.spawn_jail), instead of making and joining one
+on the restore's clock.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import sys
 import threading
 
 from devices.spare import KINDS, READY
+from sandbox.cgroups import DEFAULT_LIMITS, CgroupManager
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +46,19 @@ MAX_SPARES = 16
 
 
 class Spare:
-    def __init__(self, proc: subprocess.Popen, sock: socket.socket, log_r: int):
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket, log_r: int, cgroup=None,
+                 cgroups: CgroupManager | None = None):
         self.proc = proc
         self.sock = sock
         self.log_r = log_r
         self.ready = False
+        self.cgroup = cgroup      # sandbox.cgroups.DeviceCgroup the spare joined, or None
+        self.cgroups = cgroups    # the manager that made it (limits for the device)
+
+    def take_cgroup(self):
+        """The spare's cgroup, now the device's to keep and remove (vmmd.spawn_jail)."""
+        cg, self.cgroup = self.cgroup, None
+        return cg
 
     def poll_ready(self) -> bool:
         """True once the spare said READY (its imports are done)."""
@@ -95,6 +111,9 @@ class Spare:
             self.proc.kill()
             self.proc.wait()
         self.drain_log()
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
 
 
 class SparePool:
@@ -108,23 +127,48 @@ class SparePool:
         self.python = python
         self._spares: list[Spare] = []
         self._lock = threading.Lock()
+        self._cgroups: CgroupManager | None = None
+        self._made = 0
+
+    def _cgroup_manager(self) -> CgroupManager | None:
+        if self._cgroups is None:
+            self._cgroups = CgroupManager()
+            if not self._cgroups.available:
+                log.warning("spare device processes start without a cgroup: %s", self._cgroups.reason)
+        return self._cgroups if self._cgroups.available else None
 
     def _spawn_one(self) -> Spare:
         vmm_end, spare_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
+        cgroup, cg_fds, manager = None, [], self._cgroup_manager()
+        if manager is not None:
+            self._made += 1
+            try:
+                cgroup = manager.create(f"spare-{self._made}", DEFAULT_LIMITS)
+                cg_fds = cgroup.open_procs()
+            except OSError as exc:
+                log.warning("spare device process without a cgroup: %s", exc)
+                if cgroup is not None:
+                    cgroup.remove()
+                cgroup, cg_fds = None, []
+        cmd = [self.python, "-m", "devices.spare", "--socket-fd", str(spare_end.fileno())]
+        if cg_fds:
+            cmd += ["--cgroup-fds", ",".join(map(str, cg_fds))]
         try:
-            proc = subprocess.Popen(
-                [self.python, "-m", "devices.spare", "--socket-fd", str(spare_end.fileno())],
-                pass_fds=[spare_end.fileno()], stdin=subprocess.DEVNULL, stdout=log_w, stderr=log_w,
-                close_fds=True)
+            proc = subprocess.Popen(cmd, pass_fds=[spare_end.fileno(), *cg_fds], stdin=subprocess.DEVNULL,
+                                    stdout=log_w, stderr=log_w, close_fds=True)
         except OSError:
             vmm_end.close()
             os.close(log_r)
+            if cgroup is not None:
+                cgroup.remove()
             raise
         finally:
             spare_end.close()
             os.close(log_w)
-        return Spare(proc, vmm_end, log_r)
+            for fd in cg_fds:
+                os.close(fd)
+        return Spare(proc, vmm_end, log_r, cgroup, manager)
 
     def fill(self) -> None:
         """Start spares up to `count` (dead ones are dropped first)."""
@@ -166,7 +210,13 @@ class SparePool:
             return [s.proc.pid for s in self._spares]
 
     def close(self) -> None:
+        """Stop the spares left (devices made from spares keep their cgroups)."""
         with self._lock:
             spares, self._spares = self._spares, []
         for s in spares:
             s.discard()
+
+    def close_cgroups(self) -> None:
+        """At the end, once every device made from a spare is gone: the sub-hierarchy."""
+        if self._cgroups is not None:
+            self._cgroups.close()

@@ -33,6 +33,7 @@ class Spawn:
         self.log_r, self.log_w = log_r, log_w
         self.bootstrap = bootstrap
         self.reader: PipeReader | None = None
+        self.leftovers: list = []   # a spare's cgroup that could not become the device's
 
     @property
     def pass_fds(self) -> list[int]:
@@ -52,6 +53,9 @@ class Spawn:
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
+        for cg in self.leftovers:
+            cg.remove()
+        self.leftovers = []
         if self.reader is None and self.log_r >= 0:
             # Never attached (the spawn failed): relay what it said, then close.
             # A PipeReader closes its own fd at EOF.
@@ -99,10 +103,27 @@ class JailSetup:
         except (ImportError, AttributeError):
             return DEFAULT_LIMITS
 
-    def prepare(self, spec: DeviceSpec, gen: int, guest_memory: int) -> Spawn:
+    def prepare(self, spec: DeviceSpec, gen: int, guest_memory: int, adopt=None) -> Spawn:
+        """adopt: (DeviceCgroup, its CgroupManager) of a spare device process
+        (vmmd.spare_pool), already in it: it gets this device's limits and the
+        incarnation's name, and the bootstrap names no cgroup to join."""
         boot: dict = {}
-        cgroup, fds = None, []
-        if self.sandbox != "off":
+        cgroup, fds, leftovers = None, [], []
+        if adopt is not None:
+            cg, manager = adopt
+            try:
+                manager.set_limits(cg, self.limits_for(spec.kind), guest_memory)
+                cg.rename(f"{spec.id}.{gen}")
+                cgroup = cg
+            except (OSError, ValueError) as exc:
+                log.warning("device %s: its spare's cgroup not reused (%s)", spec.id, exc)
+                leftovers.append(cg)   # the device joins a fresh one below; this goes at release
+        if cgroup is not None:
+            if self.sandbox != "off":
+                if self.device_ids is not None:
+                    boot["host_ids"] = list(self.device_ids)
+                boot["cgroup_fds"] = []
+        elif self.sandbox != "off":
             if self.device_ids is not None:
                 boot["host_ids"] = list(self.device_ids)
             manager = self._manager()
@@ -117,7 +138,9 @@ class JailSetup:
                     cgroup, fds = None, []
             boot["cgroup_fds"] = fds
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
-        return Spawn(cgroup, fds, log_r, log_w, boot, self.limiter(spec.id))
+        spawn = Spawn(cgroup, fds, log_r, log_w, boot, self.limiter(spec.id))
+        spawn.leftovers = leftovers
+        return spawn
 
     def track(self, inc: Incarnation, spawn: Spawn) -> None:
         with self._lock:

@@ -46,10 +46,12 @@ def four_devices(start: str):
     """One harness (vmmd's supervisor) running one device of each kind, started
     cold (exec'd) or from spare processes (vmmd --restore-wait's, devices/spare.py)."""
     from vmmd.spare_pool import SparePool
-    with tempfile.TemporaryDirectory(prefix="vmmd-jail-") as workdir, \
-            RecordingHarness(sandbox="on", mem_size=MEM) as h, ExitStack() as stack:
+    pool = SparePool(len(KINDS))
+    with ExitStack() as outer, tempfile.TemporaryDirectory(prefix="vmmd-jail-") as workdir:
+        outer.callback(pool.close_cgroups)   # after the harness reaped the devices in them
+        h = outer.enter_context(RecordingHarness(sandbox="on", mem_size=MEM))
+        stack = outer.enter_context(ExitStack())
         if start == "spare":
-            pool = SparePool(len(KINDS))
             stack.callback(pool.close)
             pool.fill()
             h.supervisor.spares = pool
