@@ -129,6 +129,7 @@ class SparePool:
         self._lock = threading.Lock()
         self._cgroups: CgroupManager | None = None
         self._made = 0
+        self._filling = threading.Lock()   # one fill() at a time (the start's, a refusal's)
 
     def _cgroup_manager(self) -> CgroupManager | None:
         if self._cgroups is None:
@@ -172,6 +173,10 @@ class SparePool:
 
     def fill(self) -> None:
         """Start spares up to `count` (dead ones are dropped first)."""
+        with self._filling:
+            self._fill()
+
+    def _fill(self) -> None:
         with self._lock:
             dead = [s for s in self._spares if not s.alive()]
             self._spares = [s for s in self._spares if s.alive()]
