@@ -156,8 +156,11 @@ class Waiter:
         reg = Registry()
         reg.add("snapshot.restore", self.restore, RESTORE_PARAMS, RESTORE_RESULT,
                 "Restore a snapshot into this waiting vmmd; returns once its vCPUs run")
-        reg.add("vm.info", lambda p: self.info(), None, {"type": "object"},
-                "state \"waiting\" (no VM yet) and the spare device processes")
+        reg.add("vm.info", lambda p: self.info(), None,
+                {"type": "object", "properties": {
+                    "state": {"type": "string", "enum": ["waiting", "restoring"]},
+                    "spares": {"type": "object", "description": "spare device processes: ready, starting"}}},
+                "state \"waiting\" (no VM yet) or \"restoring\", and the spare device processes")
         reg.add("vm.shutdown", self.shutdown, None, {"type": "null"}, "Stop this waiting vmmd")
         reg.add("vmm.version", lambda p: {"version": vmmd.__version__, "protocol": PROTOCOL_VERSION},
                 None, VERSION_SCHEMA, "vmmd version and device bus protocol version")
@@ -175,7 +178,7 @@ class Waiter:
         return reg
 
     def info(self) -> dict:
-        return {"state": "waiting", "vcpus": 0, "memory_bytes": 0,
+        return {"state": "restoring" if self._busy else "waiting", "vcpus": 0, "memory_bytes": 0,
                 "uptime_s": round(time.monotonic() - self.started_at, 3), "devices": [],
                 "spares": self.spares.status()}
 
@@ -211,8 +214,15 @@ class Waiter:
             req.sandbox = self.wcfg.sandbox
         if req.device_timeout is None:
             req.device_timeout = self.wcfg.device_timeout
+        work = loop.run_in_executor(None, snaprestore.prepare, req)
         try:
-            prepared = await loop.run_in_executor(None, snaprestore.prepare, req)
+            prepared = await asyncio.shield(work)
+        except asyncio.CancelledError:   # vmmd stopping mid-call: what prepare() made goes
+            with contextlib.suppress(BaseException):
+                done = await work
+                done.memory.close()
+                done.discard_overlays()
+            raise
         except (ConfigError, SnapshotError) as exc:
             raise _refusal(RESTORE_REFUSED, exc) from None
         except OSError as exc:
