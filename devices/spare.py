@@ -15,6 +15,15 @@ its stdio and one end of a socket pair with vmmd. It:
   1. imports what every device kind runs (the runtime, the bus, zmq,
      uvloop, each kind's model and policy) -- no thread is started and
      no file opened, so isolate() still finds it single-threaded;
+  1'. with --isolate (what `vmmd --restore-wait` uses): runs
+     sandbox.namespaces.isolate() now, exactly as a cold launcher does
+     (helper fork, unshare of every namespace, id maps written from
+     outside, bounding set emptied, device forked as pid 1), the device's
+     pid reported on the socket; the launcher and helper exit and what
+     waits from here on is the device process itself, in its namespaces,
+     still without its bootstrap. Such a spare serves sandbox on/log with
+     the default device ids only; it writes "PID n" (vmmd tells it n) on
+     its bootstrap's status fd in place of isolate();
   2. says READY on the socket and waits for one message: the bootstrap
      JSON (the very text vmmd would put in argv), the fds it names (SCM_RIGHTS,
      in the order the message lists vmmd's numbers for them) and the three
@@ -75,8 +84,9 @@ class SpareError(ValueError):
     """A malformed message from vmmd."""
 
 
-def parse_message(data: bytes, nfds: int) -> tuple[str, str, list[int], list[int]]:
-    """(kind, bootstrap text, vmmd's fd numbers in arrival order, vmmd's numbers of stdin/out/err)."""
+def parse_message(data: bytes, nfds: int) -> tuple[str, str, list[int], list[int], int | None]:
+    """(kind, bootstrap text, vmmd's fd numbers in arrival order, vmmd's numbers of
+    stdin/out/err, the device's pid as vmmd sees it (a pre-isolated spare) or None)."""
     try:
         doc = json.loads(data)
     except ValueError as exc:
@@ -93,7 +103,10 @@ def parse_message(data: bytes, nfds: int) -> tuple[str, str, list[int], list[int
         raise SpareError(f"fds must list the {nfds} fds sent, each once")
     if type(stdio) is not list or len(stdio) != 3 or any(f not in fds for f in stdio):
         raise SpareError("stdio must name three of the fds sent")
-    return kind, text, fds, stdio
+    host_pid = doc.get("host_pid")
+    if host_pid is not None and (type(host_pid) is not int or host_pid <= 0):
+        raise SpareError("host_pid must be a positive int")
+    return kind, text, fds, stdio, host_pid
 
 
 def renumber(boot, where: dict[int, int]):
@@ -136,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m devices.spare")
     p.add_argument("--socket-fd", type=int, required=True)
     p.add_argument("--cgroup-fds", default="", help="cgroup.procs fds of the spare's cgroup")
+    p.add_argument("--isolate", action="store_true",
+                   help="enter the device's namespaces before the bootstrap (sandbox on/log)")
     args = p.parse_args(argv)
     sock = socket.socket(fileno=args.socket_fd)
     if args.cgroup_fds:
@@ -143,6 +158,12 @@ def main(argv: list[str] | None = None) -> None:
         from sandbox.namespaces import join_cgroups
         join_cgroups([int(fd) for fd in args.cgroup_fds.split(",")])
     preload()
+    if args.isolate:
+        # isolate() as a cold launcher runs it (host ids: the default), reporting
+        # the device's pid on the socket; only the device, pid 1 of its new pid
+        # namespace, returns here.
+        from sandbox import namespaces
+        namespaces.isolate("on", status_fd=sock.fileno())
     try:
         sock.send(READY)
     except OSError:
@@ -156,9 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     sock.close()
     from devices import runtime
     try:
-        kind, text, numbers, stdio = parse_message(data, len(received))
+        kind, text, numbers, stdio, host_pid = parse_message(data, len(received))
         where = dict(zip(numbers, received))
         boot = renumber(runtime.parse_bootstrap(text, kind), where)
+        if args.isolate:
+            check_isolated(boot, host_pid)
     except (SpareError, runtime.BootstrapError) as exc:
         sys.stderr.write(f"devices.spare: bad message from vmmd: {exc}\n")
         os._exit(EXIT_USAGE)
@@ -169,7 +192,22 @@ def main(argv: list[str] | None = None) -> None:
     # What Popen(close_fds=True, pass_fds=...) leaves: stdio and the bootstrap's fds.
     from sandbox import limits
     limits.close_fds_except(bootstrap_fds(boot))
-    runtime.run(boot, kind)
+    if args.isolate:
+        # What isolate() would say now: the device's pid, first on the status fd.
+        os.write(boot.status_fd, f"PID {host_pid}\n".encode())
+        os.close(boot.status_fd)
+        boot = dataclasses.replace(boot, status_fd=None)
+    runtime.run(boot, kind, isolated=args.isolate)
+
+
+def check_isolated(boot, host_pid) -> None:
+    """A spare already in its namespaces serves only what it was isolated for."""
+    if boot.sandbox not in ("on", "log"):
+        raise SpareError(f"isolated for a sandbox, not for sandbox {boot.sandbox!r}")
+    if boot.host_ids is not None or boot.cgroup_fds:
+        raise SpareError("isolated with the default ids in its own cgroup: no host_ids or cgroup_fds")
+    if host_pid is None or boot.status_fd is None:
+        raise SpareError("an isolated spare needs host_pid and status_fd")
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ async def serve_waiting(wcfg: WaitConfig) -> int:
     install_kick_handler()
     become_subreaper()
     loop = asyncio.get_running_loop()
-    spares = SparePool(wcfg.spares)
+    spares = SparePool(wcfg.spares, isolate=True)
     limits = DEFAULT_LIMITS.fitted_to(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     waiter = Waiter(wcfg, kvm, spares, {})
     waiter.dispatcher = Dispatcher(waiter.registry(), max_batch=limits.max_batch, max_reply=limits.max_reply)

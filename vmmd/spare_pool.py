@@ -29,9 +29,13 @@ on the restore's clock.
 from __future__ import annotations
 
 import array
+import contextlib
+import errno
 import json
 import logging
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -47,13 +51,18 @@ MAX_SPARES = 16
 
 class Spare:
     def __init__(self, proc: subprocess.Popen, sock: socket.socket, log_r: int, cgroup=None,
-                 cgroups: CgroupManager | None = None):
+                 cgroups: CgroupManager | None = None, isolated: bool = False):
         self.proc = proc
         self.sock = sock
         self.log_r = log_r
         self.ready = False
         self.cgroup = cgroup      # sandbox.cgroups.DeviceCgroup the spare joined, or None
         self.cgroups = cgroups    # the manager that made it (limits for the device)
+        # --isolate: the spare enters its namespaces ahead; from its "PID n" on, the
+        # process waiting is the device (pid n, vmmd's child as the subreaper).
+        self.isolated = isolated
+        self.pid: int | None = None
+        self._pidfd: int | None = None
 
     def take_cgroup(self):
         """The spare's cgroup, now the device's to keep and remove (vmmd.spawn_jail)."""
@@ -61,18 +70,34 @@ class Spare:
         return cg
 
     def poll_ready(self) -> bool:
-        """True once the spare said READY (its imports are done)."""
-        if not self.ready:
+        """True once the spare said READY (its imports are done; with --isolate,
+        after it reported the device's pid)."""
+        while not self.ready:
             try:
-                self.ready = self.sock.recv(16, socket.MSG_DONTWAIT) == READY
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                pass
+                msg = self.sock.recv(64, socket.MSG_DONTWAIT)
+            except OSError:   # nothing yet (BlockingIOError), or gone
+                break
+            if not msg:
+                break
+            if msg.startswith(b"PID ") and msg[4:].strip().isdigit() and self.pid is None:
+                self.pid = int(msg[4:])
+                if self.pid != self.proc.pid:
+                    try:
+                        self._pidfd = os.pidfd_open(self.pid)
+                    except OSError:
+                        self.pid = None   # already gone: never ready
+                        break
+            elif msg == READY:
+                self.ready = not self.isolated or self.pid is not None
         return self.ready
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        launcher_gone = self.proc.poll() is not None   # before reading: its PID line precedes its exit
+        if self.isolated and self.pid is None:
+            self.poll_ready()
+        if self._pidfd is not None:   # the launcher has exited; the device waits
+            return not select.select([self._pidfd], [], [], 0)[0]
+        return not launcher_gone
 
     def hand_over(self, kind: str, bootstrap: str, fds: list[int], stdio: tuple[int, int, int]) -> subprocess.Popen:
         """Send the bootstrap and its fds (vmmd keeps its copies); the spare becomes
@@ -80,12 +105,20 @@ class Spare:
         if kind not in KINDS:
             raise ValueError(f"spares do not run {kind!r} devices")
         fds = list(dict.fromkeys([*fds, *stdio]))
-        msg = json.dumps({"kind": kind, "bootstrap": bootstrap, "fds": fds, "stdio": list(stdio)}).encode()
+        doc = {"kind": kind, "bootstrap": bootstrap, "fds": fds, "stdio": list(stdio)}
+        if self.isolated:
+            if self.pid is None:
+                raise OSError(errno.EAGAIN, "an isolated spare that has not reported its pid")
+            doc["host_pid"] = self.pid   # it says "PID n" on the bootstrap's status fd
+        msg = json.dumps(doc).encode()
         try:
             self.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         finally:
             self.sock.close()
             self.drain_log()
+        if self._pidfd is not None:   # the supervisor watches the device with its own pidfd
+            os.close(self._pidfd)
+            self._pidfd = None
         return self.proc
 
     def drain_log(self) -> None:
@@ -105,6 +138,14 @@ class Spare:
     def discard(self) -> None:
         """Not needed: EOF makes it exit; killed if it does not within a second."""
         self.sock.close()
+        if self._pidfd is not None:
+            if not select.select([self._pidfd], [], [], 1.0)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)   # vmmd's child once the launcher exited (subreaper)
+            os.close(self._pidfd)
+            self._pidfd = None
         try:
             self.proc.wait(1.0)
         except subprocess.TimeoutExpired:
@@ -120,11 +161,12 @@ class SparePool:
     """Up to `count` spares, started by start(); take() hands one out (ready ones
     first), None when there is none left."""
 
-    def __init__(self, count: int, python: str = sys.executable):
+    def __init__(self, count: int, python: str = sys.executable, isolate: bool = False):
         if not 0 <= count <= MAX_SPARES:
             raise ValueError(f"spare count must be 0..{MAX_SPARES}")
         self.count = count
         self.python = python
+        self.isolate = isolate   # spares enter their namespaces ahead (serve sandbox on/log only)
         self._spares: list[Spare] = []
         self._lock = threading.Lock()
         self._cgroups: CgroupManager | None = None
@@ -153,6 +195,8 @@ class SparePool:
                     cgroup.remove()
                 cgroup, cg_fds = None, []
         cmd = [self.python, "-m", "devices.spare", "--socket-fd", str(spare_end.fileno())]
+        if self.isolate:
+            cmd.append("--isolate")
         if cg_fds:
             cmd += ["--cgroup-fds", ",".join(map(str, cg_fds))]
         try:
@@ -169,7 +213,7 @@ class SparePool:
             os.close(log_w)
             for fd in cg_fds:
                 os.close(fd)
-        return Spare(proc, vmm_end, log_r, cgroup, manager)
+        return Spare(proc, vmm_end, log_r, cgroup, manager, self.isolate)
 
     def fill(self) -> None:
         """Start spares up to `count` (dead ones are dropped first)."""
@@ -194,11 +238,18 @@ class SparePool:
             with self._lock:
                 self._spares.append(spare)
 
-    def take(self) -> Spare | None:
+    def take(self, isolated_ok: bool = True) -> Spare | None:
+        """A spare (ready ones first; an isolated one only once ready), or None.
+        isolated_ok=False: the device needs a spare not yet in namespaces."""
+        if self.isolate and not isolated_ok:
+            return None
         with self._lock:
+            for s in self._spares:
+                s.poll_ready()
             live = [s for s in self._spares if s.alive()]
             dead = [s for s in self._spares if s not in live]
-            pick = next((s for s in live if s.poll_ready()), live[0] if live else None)
+            usable = [s for s in live if s.ready or not s.isolated]
+            pick = next((s for s in usable if s.ready), usable[0] if usable else None)
             self._spares = [s for s in live if s is not pick]
         for s in dead:
             s.discard()
@@ -207,7 +258,7 @@ class SparePool:
     def status(self) -> dict:
         with self._lock:
             live = [s for s in self._spares if s.alive()]
-            ready = sum(1 for s in live if s.poll_ready())
+            ready = sum(1 for s in live if s.poll_ready())   # alive() read an isolated one's pid
         return {"ready": ready, "starting": len(live) - ready}
 
     def pids(self) -> list[int]:

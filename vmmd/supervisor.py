@@ -230,6 +230,14 @@ class Supervisor:
             if spare is not None and spare.cgroup is not None:
                 adopt = (spare.take_cgroup(), spare.cgroups)
             jail = self._jail.prepare(spec, gen, guest_memory, adopt=adopt)
+            if spare is not None and spare.isolated and jail.bootstrap.get("cgroup_fds"):
+                # Its cgroup could not become the device's, and from inside its
+                # namespaces it cannot join another: not usable.
+                jail.spawned()
+                spare.discard()
+                jail.release()
+                spare = self._take_spare(spec)
+                continue
             boot = {**base_boot, **jail.bootstrap}
             pass_fds = base_fds + jail.pass_fds
             try:
@@ -307,7 +315,8 @@ class Supervisor:
         from devices.spare import KINDS
         if self.spares is None or spec.kind not in KINDS:
             return None
-        return self.spares.take()
+        # A spare already in its namespaces was isolated for a sandbox, with the default ids.
+        return self.spares.take(isolated_ok=self.sandbox in ("on", "log") and self._jail.device_ids is None)
 
     @staticmethod
     def _hand_over(spare, spec: DeviceSpec, boot: dict, pass_fds: list[int], log_w: int):

@@ -46,7 +46,7 @@ def four_devices(start: str):
     """One harness (vmmd's supervisor) running one device of each kind, started
     cold (exec'd) or from spare processes (vmmd --restore-wait's, devices/spare.py)."""
     from vmmd.spare_pool import SparePool
-    pool = SparePool(len(KINDS))
+    pool = SparePool(len(KINDS), isolate=True)   # as vmmd --restore-wait: in namespaces ahead
     with ExitStack() as outer, tempfile.TemporaryDirectory(prefix="vmmd-jail-") as workdir:
         outer.callback(pool.close_cgroups)   # after the harness reaped the devices in them
         h = outer.enter_context(RecordingHarness(sandbox="on", mem_size=MEM))
@@ -54,6 +54,9 @@ def four_devices(start: str):
         if start == "spare":
             stack.callback(pool.close)
             pool.fill()
+            deadline = time.monotonic() + 60
+            while pool.status()["starting"] and time.monotonic() < deadline:
+                time.sleep(0.05)   # an isolated spare is used once it reported its pid
             h.supervisor.spares = pool
         devs = {kind: stack.enter_context(device_of_kind(h, kind, workdir)) for kind in KINDS}
         if start == "spare":

@@ -74,7 +74,21 @@ def _msg(**over) -> bytes:
 
 
 def test_spare_message_parses():
-    assert spare.parse_message(_msg(), 3) == ("lpc", "{}", [7, 9, 12], [7, 9, 9])
+    assert spare.parse_message(_msg(), 3) == ("lpc", "{}", [7, 9, 12], [7, 9, 9], None)
+    assert spare.parse_message(_msg(host_pid=4242), 3)[4] == 4242
+
+
+def test_an_isolated_spare_serves_only_what_it_was_isolated_for():
+    ok = Bootstrap(id="lpc", kind="lpc", req="ipc://a", evt="ipc://b", sandbox="on", status_fd=5)
+    spare.check_isolated(ok, 4242)
+    spare.check_isolated(dataclasses.replace(ok, sandbox="log"), 4242)
+    for bad, pid in ((dataclasses.replace(ok, sandbox="off"), 4242),
+                     (dataclasses.replace(ok, host_ids=(70000, 70000)), 4242),
+                     (dataclasses.replace(ok, cgroup_fds=(6,)), 4242),
+                     (dataclasses.replace(ok, status_fd=None), 4242),
+                     (ok, None)):
+        with pytest.raises(spare.SpareError):
+            spare.check_isolated(bad, pid)
 
 
 @pytest.mark.parametrize("data,nfds", [
@@ -82,6 +96,7 @@ def test_spare_message_parses():
     (_msg(), 2),                                  # more numbers than fds arrived
     (_msg(fds=[7, 7, 9]), 3), (_msg(fds=[7, -1, 9]), 3), (_msg(fds=[7, "9", 12]), 3),
     (_msg(stdio=[7, 9]), 3), (_msg(stdio=[7, 9, 40]), 3),
+    (_msg(host_pid=0), 3), (_msg(host_pid="1"), 3), (_msg(host_pid=True), 3),
 ])
 def test_spare_refuses_a_malformed_message(data, nfds):
     with pytest.raises(spare.SpareError):
