@@ -35,10 +35,10 @@ its stdio and one end of a socket pair with vmmd. It:
      handshake, jail -- the same path, in the same order, as a device
      started cold.
 
-The difference from a cold start is when the imports ran: before the
-process entered its namespaces instead of after (same code files, no input
-from anyone yet). EOF on the socket (vmmd gone or the spare not needed)
-ends the process.
+The difference from a cold start is when things ran: the imports before
+the namespaces instead of after (same code files, no input from anyone
+yet), and the namespaces (with --isolate) before the bootstrap arrived.
+EOF on the socket (vmmd gone or the spare not needed) ends the process.
 """
 
 from __future__ import annotations
