@@ -192,3 +192,22 @@ def test_bad_wait_command_lines_are_one_error_line(tmp_path, args, expect):
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("vmmd: error: ") and expect in lines[0], r.stderr
     assert not os.path.exists(tmp_path / "api.sock")
+
+
+@pytest.mark.parametrize("mode,from_spare", [("log", True), ("off", False)])
+def test_sandbox_log_takes_a_spare_and_off_starts_cold(tmp_path, good_snapshot, mode, from_spare):
+    """Spares wait in their namespaces: they serve sandbox on and log; off starts cold."""
+    w = waiting(tmp_path / "w")
+    try:
+        wait_spares_ready(w)
+        console = tmp_path / "w" / "com1.out"
+        w.rpc("snapshot.restore", {"path": str(good_snapshot), "sandbox": mode,
+                                   "consoles": {"com1": f"file,{console}"}}, timeout=120)
+        [lpc] = w.rpc("vm.info")["devices"]
+        assert lpc["sandbox"] == mode and lpc["state"] == "running", lpc
+        assert (b"devices.spare" in Path(f"/proc/{lpc['pid']}/cmdline").read_bytes()) == from_spare
+        st = _status(lpc["pid"])
+        assert st["Seccomp"] == ("2" if mode == "log" else "0"), st
+        w.wait_for("B", 60)
+    finally:
+        w.stop()
