@@ -135,11 +135,10 @@ def params_to_argv(params: dict) -> list[str]:
 class Waiter:
     """The waiting vmmd: its registry before a VM exists, the restore, the hand-over."""
 
-    def __init__(self, wcfg: WaitConfig, kvm, spares, dispatcher_limits: dict):
+    def __init__(self, wcfg: WaitConfig, kvm, spares):
         self.wcfg = wcfg
         self.kvm = kvm
         self.spares = spares
-        self.limits = dispatcher_limits
         self.machine = None
         self.dispatcher: Dispatcher | None = None
         self.started_at = time.monotonic()
@@ -312,7 +311,7 @@ async def serve_waiting(wcfg: WaitConfig) -> int:
     loop = asyncio.get_running_loop()
     spares = SparePool(wcfg.spares, isolate=True)
     limits = DEFAULT_LIMITS.fitted_to(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    waiter = Waiter(wcfg, kvm, spares, {})
+    waiter = Waiter(wcfg, kvm, spares)
     waiter.dispatcher = Dispatcher(waiter.registry(), max_batch=limits.max_batch, max_reply=limits.max_reply)
     try:
         server = await serve(wcfg.api_socket, waiter.dispatcher, limits=limits)
