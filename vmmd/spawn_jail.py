@@ -33,7 +33,17 @@ class Spawn:
         self.log_r, self.log_w = log_r, log_w
         self.bootstrap = bootstrap
         self.reader: PipeReader | None = None
-        self.leftovers: list = []   # a spare's cgroup that could not become the device's
+        self._adopt = None   # (manager, limits, guest memory, name): a spare's cgroup to finish
+
+    def finish_adopt(self) -> None:
+        """A spare's cgroup becomes the device's: its limits, then its name. Done
+        while the device sets itself up, before vmmd attaches it (before any guest
+        access or state reaches it); OSError if the kernel refuses."""
+        if self._adopt is not None:
+            manager, limits, guest_memory, name = self._adopt
+            self._adopt = None
+            manager.set_limits(self.cgroup, limits, guest_memory)
+            self.cgroup.rename(name)
 
     @property
     def pass_fds(self) -> list[int]:
@@ -53,9 +63,6 @@ class Spawn:
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
-        for cg in self.leftovers:
-            cg.remove()
-        self.leftovers = []
         if self.reader is None and self.log_r >= 0:
             # Never attached (the spawn failed): relay what it said, then close.
             # A PipeReader closes its own fd at EOF.
@@ -105,19 +112,14 @@ class JailSetup:
 
     def prepare(self, spec: DeviceSpec, gen: int, guest_memory: int, adopt=None) -> Spawn:
         """adopt: (DeviceCgroup, its CgroupManager) of a spare device process
-        (vmmd.spare_pool), already in it: it gets this device's limits and the
-        incarnation's name, and the bootstrap names no cgroup to join."""
+        (vmmd.spare_pool), already in it: the bootstrap names no cgroup to join,
+        and Spawn.finish_adopt() gives it this device's limits and the
+        incarnation's name once the spare has its bootstrap."""
         boot: dict = {}
-        cgroup, fds, leftovers = None, [], []
+        cgroup, fds, pending = None, [], None
         if adopt is not None:
-            cg, manager = adopt
-            try:
-                manager.set_limits(cg, self.limits_for(spec.kind), guest_memory)
-                cg.rename(f"{spec.id}.{gen}")
-                cgroup = cg
-            except (OSError, ValueError) as exc:
-                log.warning("device %s: its spare's cgroup not reused (%s)", spec.id, exc)
-                leftovers.append(cg)   # the device joins a fresh one below; this goes at release
+            cgroup, manager = adopt
+            pending = (manager, self.limits_for(spec.kind), guest_memory, f"{spec.id}.{gen}")
         if cgroup is not None:
             if self.sandbox != "off":
                 if self.device_ids is not None:
@@ -139,7 +141,7 @@ class JailSetup:
             boot["cgroup_fds"] = fds
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
         spawn = Spawn(cgroup, fds, log_r, log_w, boot, self.limiter(spec.id))
-        spawn.leftovers = leftovers
+        spawn._adopt = pending
         return spawn
 
     def track(self, inc: Incarnation, spawn: Spawn) -> None:

@@ -31,6 +31,7 @@ vmmd's own stderr (a stdio console keeps vmmd's stdout as its console).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -230,14 +231,6 @@ class Supervisor:
             if spare is not None and spare.cgroup is not None:
                 adopt = (spare.take_cgroup(), spare.cgroups)
             jail = self._jail.prepare(spec, gen, guest_memory, adopt=adopt)
-            if spare is not None and spare.isolated and jail.bootstrap.get("cgroup_fds"):
-                # Its cgroup could not become the device's, and from inside its
-                # namespaces it cannot join another: not usable.
-                jail.spawned()
-                spare.discard()
-                jail.release()
-                spare = self._take_spare(spec)
-                continue
             boot = {**base_boot, **jail.bootstrap}
             pass_fds = base_fds + jail.pass_fds
             try:
@@ -279,6 +272,16 @@ class Supervisor:
             proc.wait()  # the launcher exits once it reported the device's pid
         else:
             proc.returncode = 0  # no launcher (sandbox off): we reap it via its pidfd
+        try:
+            jail.finish_adopt()  # a spare's cgroup: limits and name, while the device sets up
+        except (OSError, ValueError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._reap(pid)
+            jail.release()
+            channel.close()
+            os.close(life_w)
+            raise SpawnError(f"device {spec.id}: cannot give it its cgroup limits: {exc}") from exc
         pidfd = os.pidfd_open(pid)
         inc = Incarnation(gen, pid, pidfd, channel, lifeline=life_w)
         self._jail.track(inc, jail)
