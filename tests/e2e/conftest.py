@@ -177,6 +177,55 @@ def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
     return vm, agent
 
 
+def incoming(tmp: Path) -> tuple[VmmdProcess, str]:
+    """A destination vmmd (`vmmd --incoming unix:tmp/mig.sock`) for a guest
+    started by boot(): its own COM1 and COM2 sockets in tmp; (vm, uri) once it
+    listens. The VM configuration comes from the source."""
+    tmp.mkdir(parents=True)
+    uri = f"unix:{tmp / 'mig.sock'}"
+    vm = VmmdProcess(tmp, ["--incoming", uri, "-l", f"com2,socket,{tmp / 'com2.sock'}",
+                           "--device-timeout", "30"], com1="socket")
+    deadline = time.monotonic() + 600  # a Python start under TCG: tens of seconds
+    while "waiting for an incoming migration" not in vm.stderr():
+        if vm.proc.poll() is not None or time.monotonic() > deadline:
+            vm.stop()
+            raise AssertionError(f"the destination vmmd is not listening: {vm.stderr()[-3000:]}")
+        time.sleep(0.2)
+    return vm, uri
+
+
+def migrate(src: VmmdProcess, dst: VmmdProcess, uri: str, timeout: float = 900) -> tuple[dict, GuestAgent]:
+    """Live-migrate src's guest to dst (from incoming()): the final
+    migration.status and the guest agent on dst's COM2, answering. src exits."""
+    src.rpc("migration.start", {"uri": uri, "timeout_s": timeout}, timeout=120)
+    deadline = time.monotonic() + timeout + 120
+    last: dict | None = None
+    while True:
+        try:
+            last = src.rpc("migration.status", timeout=120)
+        except (OSError, ValueError):
+            # The source exits 1 s after completing: a poll can miss that state.
+            if src.proc.poll() is not None and last and last["state"] in ("switchover", "completed"):
+                last = dict(last, state="completed")
+                break
+            raise
+        if last["state"] in ("completed", "failed", "cancelled"):
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"migration still {last} after {timeout} s")
+        time.sleep(0.5)
+    assert last["state"] == "completed", (last, dst.stderr()[-3000:], src.stderr()[-3000:])
+    assert src.wait(120) == 0, src.stderr()[-3000:]
+    src.stop()
+    dst.wait_api(timeout=600)
+    assert dst.rpc("vm.info", timeout=120)["state"] == "running"
+    dst.attach_console()
+    agent = GuestAgent(str(dst.tmp / "com2.sock"))
+    agent.connect(60)
+    agent.wait_ready(300)
+    return last, agent
+
+
 @pytest.fixture(scope="session")
 def data_disk(e2e_dir):
     path = e2e_dir / "data.img"
