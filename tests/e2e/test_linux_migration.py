@@ -82,21 +82,28 @@ def check_counter_continues(before: list[int], after: list[int]) -> None:
     assert after[0] > before[-1], (before[-5:], after[:5])
 
 
+@pytest.fixture
+def ping_target(linux):
+    """The session's main guest, at SWITCH_IPS[0] on its switch NIC (eth1)."""
+    _, agent, _ = linux
+    eth = guest_iface(agent, 1)
+    agent.check(f"ip addr show dev {eth} | grep -q 'inet {SWITCH_IPS[0]}/' || "
+                f"ip addr add {SWITCH_IPS[0]}/24 dev {eth}; ip link set {eth} up")
+    return SWITCH_IPS[0]
+
+
 @pytest.mark.timeout(3000)
-def test_migrate_there_and_back_while_counting_and_pinging(linux, default_guest, e2e_dir, switch):
-    _, target, _ = linux
-    eth = guest_iface(target, 1)
-    target.check(f"ip addr show dev {eth} | grep -q 'inet {SWITCH_IPS[0]}/' || "
-                 f"ip addr add {SWITCH_IPS[0]}/24 dev {eth}; ip link set {eth} up")
+def test_migrate_there_and_back_while_counting_and_pinging(ping_target, default_guest, e2e_dir, switch):
     vms = []
     try:
+        (e2e_dir / "mig0").mkdir()
         vm, agent = boot(e2e_dir / "mig0", ["-c", "1", "-m", "256M",
                                             "-s", f"5,virtio-net,socket={switch}"],
                          default_guest, name="migrating guest, 1 vCPU")
         vms.append(vm)
         eth = guest_iface(agent, 0)
         agent.check(f"ip addr add {MIGRANT_IP}/24 dev {eth} && ip link set {eth} up")
-        assert " 0% packet loss" in agent.check(f"ping -c 3 -W 5 {SWITCH_IPS[0]}", timeout=120)
+        assert " 0% packet loss" in agent.check(f"ping -c 3 -W 5 {ping_target}", timeout=120)
 
         facts = guest_facts(agent)
         assert not [line for line in facts["clock_log"] if "unstable" in line.lower()], facts
@@ -105,7 +112,7 @@ def test_migrate_there_and_back_while_counting_and_pinging(linux, default_guest,
         agent.check("(i=0; while :; do echo $i $(cut -d' ' -f1 /proc/uptime) >> /tmp/count.log; "
                     "echo mig-count-$i > /dev/ttyS0; i=$((i+1)); usleep 200000; done"
                     " > /dev/null 2>&1 & echo $! > /tmp/count.pid); true")
-        agent.check(f"(ping -i {PING_INTERVAL} {SWITCH_IPS[0]} > /tmp/ping.log 2>&1 & "
+        agent.check(f"(ping -i {PING_INTERVAL} {ping_target} > /tmp/ping.log 2>&1 & "
                     "echo $! > /tmp/ping.pid); true")
         seen = wait_count_beyond(vm, 3, 300)
 
