@@ -47,6 +47,9 @@ def guest() -> dict:
     return json.loads(out)
 
 
+FULL_LOG_TIMEOUT = 5400
+
+
 def one_boot(g: dict, quiet: bool, timeout: float = 1200) -> dict:
     with tempfile.TemporaryDirectory(prefix="vmmd-bench-boot-") as tmp:
         tmp = Path(tmp)
@@ -104,7 +107,8 @@ def inner(as_json: bool) -> dict:
     g = guest()
     res = {"python_c_pass_s": python_start(), "loadavg": os.getloadavg(),
            "in_lab": bool(os.environ.get("VMMD_IN_LAB")),
-           "boots": [one_boot(g, quiet=True), one_boot(g, quiet=False)]}
+           # The full log crawls through the lab's console (tens of bytes a second).
+           "boots": [one_boot(g, quiet=True), one_boot(g, quiet=False, timeout=FULL_LOG_TIMEOUT)]}
     return res
 
 
@@ -115,7 +119,8 @@ def outer(as_json: bool) -> dict:
     subprocess.run([sys.executable, "-m", "vmmd.guest.build", "build"], check=True,
                    capture_output=True)
     t0 = time.monotonic()
-    proc = subprocess.Popen([str(ROOT / "scripts" / "lab"), "run", "--", sys.executable,
+    proc = subprocess.Popen([str(ROOT / "scripts" / "lab"), "run", "--timeout", str(FULL_LOG_TIMEOUT + 2400),
+                             "--", sys.executable,
                              str(Path(__file__).resolve()), "--inner", "--json", "--ping"],
                             stdout=subprocess.PIPE, text=True)
     kvm_ready = None

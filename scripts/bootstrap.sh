@@ -1,10 +1,14 @@
-# Sourced by scripts/boot and scripts/test: everything a fresh machine needs.
-# Idempotent and cheap when nothing changed.
-set -euo pipefail
+# Sourced by scripts/boot and scripts/test (and by hand, to get .venv/bin on
+# PATH): everything a fresh machine needs. Idempotent and cheap when nothing
+# changed. The work runs in a subshell with its own errexit, so sourcing it
+# leaves the caller's shell options alone (an interactive shell would
+# otherwise exit at its next failing command).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 
+if ! (
+set -euo pipefail
 need_apt=()
 command -v as >/dev/null || need_apt+=(binutils)
 command -v gcc >/dev/null || need_apt+=(gcc)
@@ -40,12 +44,16 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
     echo "$want" > "$stamp"
 fi
-export PATH="$VENV/bin:$PATH"
 # Bytecode for the project's own packages (an editable install has none, and
 # PYTHONDONTWRITEBYTECODE may forbid writing it on import): vmmd and every
 # device process would otherwise compile each module from source at start.
 # Quick when up to date; a stale .pyc is ignored (source mtime checked).
 "$VENV/bin/python" -m compileall -q -j 0 "$ROOT/vmmd" "$ROOT/bus" "$ROOT/devices" "$ROOT/sandbox" "$ROOT/devopts" >/dev/null || true
+); then
+    echo "bootstrap: set-up failed (see above)" >&2
+    return 1 2>/dev/null || exit 1
+fi
+export PATH="$VENV/bin:$PATH"
 
 # PVM hosts (no VMX/SVM) cannot run a stock guest's user space: scripts/boot
 # and scripts/test use the nested lab there (docs/lab.md).

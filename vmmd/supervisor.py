@@ -292,7 +292,7 @@ class Supervisor:
                         "restored from the checkpoint alone", dev.spec.id)
             return
         channel = inc.channel
-        for a in []:
+        for a in pending:
             if a.is_read:
                 channel.read(a.space, a.addr, a.size, self.timeout, inc.pidfd)
             else:

@@ -26,6 +26,7 @@ import pytest
 
 from tests.conftest import is_root, kvm_available
 from tests.e2e.guest_agent import GuestAgent
+from tests.e2e.timings import BOOT_TIMES
 import tests.vmmd_process as vmmd_process
 from tests.vmmd_process import VmmdProcess
 
@@ -111,7 +112,6 @@ def switch(e2e_dir):
 
 BOOT_MARKERS = (("first console byte", None), ("/init started", "vmmd-guest: init started"),
                 ("shell ready", "vmmd-guest: ready"))
-BOOT_TIMES: list[str] = []  # reported at the end of the session (BENCHMARKS.md "Lab")
 
 
 def _boot_report(name: str, vm: VmmdProcess, t0: float, seen: dict) -> None:
@@ -142,6 +142,20 @@ def _watch_boot(vm: VmmdProcess, t0: float, seen: dict, stop) -> None:
         stop.wait(0.2)
 
 
+def connect_agent(vm: VmmdProcess, com2: Path, whose: str) -> GuestAgent:
+    """The guest agent on COM2, once it answers (else vmmd stopped and the
+    console's and vmmd's last words in the error)."""
+    agent = GuestAgent(str(com2))
+    agent.connect(60)
+    try:
+        agent.wait_ready(BOOT_TIMEOUT)
+    except Exception:
+        vm.stop()
+        raise AssertionError(f"{whose}'s agent never answered.\nconsole tail: "
+                             f"{vm.output()[-3000:]}\nvmmd stderr: {vm.stderr()[-3000:]}")
+    return agent
+
+
 # "loglevel=3": kernel errors go to dmesg (the checks read it there), not to
 # the console, which carries a few dozen bytes a second in the lab: an RCU
 # stall report while a killed lpc restarts (the vCPU waits for it, up to
@@ -162,18 +176,26 @@ def boot(tmp: Path, args: list[str], guest: dict, *, netns: str | None = None,
     seen: dict[str, float] = {}
     stop = threading.Event()
     threading.Thread(target=_watch_boot, args=(vm, t0, seen, stop), daemon=True).start()
-    agent = GuestAgent(str(com2))
-    agent.connect(60)
     try:
-        agent.wait_ready(BOOT_TIMEOUT)
-    except Exception:
-        vm.stop()
-        raise AssertionError(f"the guest agent never answered.\nconsole tail: "
-                             f"{vm.output()[-3000:]}\nvmmd stderr: {vm.stderr()[-3000:]}")
+        agent = connect_agent(vm, com2, "the guest")
     finally:
         stop.set()
     seen["agent answering"] = time.monotonic() - t0
     _boot_report(f"{name} ({cmdline_extra or 'full log'})", vm, t0, seen)
+    return vm, agent
+
+
+def restore(tmp: Path, snapshot: Path, args: list[str], *, netns: str | None = None,
+            name: str = "restored guest") -> tuple[VmmdProcess, GuestAgent]:
+    """`vmmd --restore`, with new COM1/COM2 sockets; once its agent answers."""
+    com2 = tmp / "com2.sock"
+    vm = VmmdProcess(tmp, ["--restore", str(snapshot), "-l", f"com2,socket,{com2}", *args],
+                     netns=netns, com1="socket")
+    t0 = time.monotonic()
+    vm.wait_api(timeout=900)
+    vm.attach_console()
+    agent = connect_agent(vm, com2, "the restored guest")
+    BOOT_TIMES.append(f"{name}: vmmd --restore start -> agent answering {time.monotonic() - t0:.1f} s")
     return vm, agent
 
 
@@ -204,9 +226,11 @@ def incoming(tmp: Path) -> tuple[VmmdProcess, str]:
 MIGRATION_DOWNTIME_MS = 20000 if os.environ.get("VMMD_IN_LAB") == "1" else 300
 
 
-def migrate(src: VmmdProcess, dst: VmmdProcess, uri: str, timeout: float = 900) -> tuple[dict, GuestAgent]:
+def migrate(src: VmmdProcess, dst: VmmdProcess, uri: str, timeout: float = 900, *,
+            name: str = "migration") -> tuple[dict, GuestAgent]:
     """Live-migrate src's guest to dst (from incoming()): the final
     migration.status and the guest agent on dst's COM2, answering. src exits."""
+    t0 = time.monotonic()
     src.rpc("migration.start", {"uri": uri, "timeout_s": timeout,
                                 "downtime_ms": MIGRATION_DOWNTIME_MS}, timeout=120)
     deadline = time.monotonic() + timeout + 120
@@ -233,9 +257,10 @@ def migrate(src: VmmdProcess, dst: VmmdProcess, uri: str, timeout: float = 900) 
     dst.wait_api(timeout=600)
     assert dst.rpc("vm.info", timeout=120)["state"] == "running"
     dst.attach_console()
-    agent = GuestAgent(str(dst.tmp / "com2.sock"))
-    agent.connect(60)
-    agent.wait_ready(300)
+    agent = connect_agent(dst, dst.tmp / "com2.sock", "the migrated guest")
+    BOOT_TIMES.append(f"{name}: migration.start -> agent answering {time.monotonic() - t0:.1f} s "
+                      f"({last.get('iteration')} passes, {last.get('bytes_sent')} bytes, "
+                      f"downtime {last.get('downtime_ms')} ms)")
     return last, agent
 
 

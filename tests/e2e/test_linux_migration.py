@@ -119,7 +119,7 @@ def test_migrate_there_and_back_while_counting_and_pinging(ping_target, default_
         for hop in (1, 2):  # there, and back
             dst, uri = incoming(e2e_dir / f"mig{hop}")
             vms.append(dst)
-            status, agent = migrate(vm, dst, uri)
+            status, agent = migrate(vm, dst, uri, name=f"migrating guest, move {hop}")
             src, vm = vm, dst
             before, facts = facts, guest_facts(agent)
             check_after_migration(before, facts)
