@@ -42,15 +42,17 @@ def guest_facts(agent) -> dict:
     time bracketing the read."""
     t0 = time.monotonic()
     out = agent.check("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f1 /proc/uptime; "
+                      "cat /sys/devices/system/clocksource/clocksource0/current_clocksource; "
                       "dmesg | grep -i -E 'clocksource|tsc' || true", timeout=180)
     t1 = time.monotonic()
-    lines = out.strip().splitlines()
-    return {"boot_id": lines[0].strip(), "uptime": float(lines[1]), "clock_log": lines[2:],
-            "host_before": t0, "host_after": t1}
+    lines = [line.strip() for line in out.strip().splitlines()]
+    return {"boot_id": lines[0], "uptime": float(lines[1]), "clocksource": lines[2],
+            "clock_log": lines[3:], "host_before": t0, "host_after": t1}
 
 
 def check_after_migration(before: dict, after: dict) -> None:
     assert after["boot_id"] == before["boot_id"]
+    assert after["clocksource"] == before["clocksource"]
     # The guest's uptime went on: forward, and by no more than the wall time
     # between the two reads (1% and 1 s for clock-rate differences).
     elapsed = after["host_after"] - before["host_before"]
