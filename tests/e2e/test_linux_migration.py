@@ -33,6 +33,19 @@ PING_INTERVAL = 0.2
 LOSS_PER_MIGRATION = 3
 
 
+# The one clock line a move may add. The kernel's clocksource watchdog
+# compares the TSC with kvm-clock every 0.5 s; when its own timer ran more than
+# 1 s late it logs both clocks' view of the interval and skips the comparison
+# (kernel/time/clocksource.c, WATCHDOG_INTERVAL_MAX_NS). A guest stopped for
+# a downtime over 1 s sees exactly that on resume, its clocks having gone on by
+# the downtime (first lab run: a 17.5 s interval, the two clocks 8 us apart).
+# Such a line is fine when the two clocks agree within the watchdog's own
+# threshold (WATCHDOG_THRESHOLD, 62.5 ms); a TSC that jumped would not.
+LONG_READOUT = re.compile(r"Long readout interval, skipping watchdog check: "
+                          r"cs_nsec: (-?\d+) wd_nsec: (-?\d+)")
+WATCHDOG_THRESHOLD_NS = 62_500_000
+
+
 def counts(text: str) -> list[int]:
     return [int(n) for n in COUNT.findall(text)]
 
@@ -58,7 +71,11 @@ def check_after_migration(before: dict, after: dict) -> None:
     elapsed = after["host_after"] - before["host_before"]
     assert before["uptime"] < after["uptime"] <= before["uptime"] + elapsed * 1.01 + 1, (before, after)
     new = [line for line in after["clock_log"] if line not in before["clock_log"]]
-    assert not new, f"the kernel logged about its clock after the migration: {new}"
+    if new:
+        print("new clock lines:", new)
+    bad = [line for line in new if not (m := LONG_READOUT.search(line))
+           or abs(int(m.group(1)) - int(m.group(2))) > WATCHDOG_THRESHOLD_NS]
+    assert not bad, f"the kernel logged about its clock after the migration: {bad}"
     assert not [line for line in after["clock_log"] if "unstable" in line.lower()], after["clock_log"]
 
 
@@ -94,9 +111,41 @@ def ping_target(linux):
     return SWITCH_IPS[0]
 
 
+def check_uptime_log(awk_out: str, last_count: int) -> None:
+    assert "back:" not in awk_out, awk_out
+    rows = int(re.search(r"rows: (\d+)", awk_out).group(1))
+    assert rows > last_count, (awk_out, last_count)  # a row for every count printed
+
+
+def check_ping(log: str) -> None:
+    m = re.search(r"(\d+) packets transmitted, (\d+) packets received", log)
+    assert m, log
+    sent, received = int(m.group(1)), int(m.group(2))
+    assert sent >= 20, log
+    assert sent - received <= 2 * LOSS_PER_MIGRATION, log
+    # and the replies went on to the end (the losses were at the moves)
+    last_seq = int(re.search(r"seq=(\d+)\s*$", log).group(1))
+    assert last_seq >= sent - 1 - LOSS_PER_MIGRATION, log
+
+
+class Checks:
+    """The properties checked after each move, all reported at the end (a lab
+    run takes many minutes: one run tells every property that broke)."""
+
+    def __init__(self):
+        self.failed: list[str] = []
+
+    def __call__(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except AssertionError as e:
+            self.failed.append(f"{what}: {e}")
+
+
 @pytest.mark.timeout(3000)
 def test_migrate_there_and_back_while_counting_and_pinging(ping_target, default_guest, e2e_dir, switch):
     vms = []
+    check = Checks()
     try:
         (e2e_dir / "mig0").mkdir()
         vm, agent = boot(e2e_dir / "mig0", ["-c", "1", "-m", "256M",
@@ -124,9 +173,9 @@ def test_migrate_there_and_back_while_counting_and_pinging(ping_target, default_
             status, agent = migrate(vm, dst, uri, name=f"migrating guest, move {hop}")
             src, vm = vm, dst
             before, facts = facts, guest_facts(agent)
-            check_after_migration(before, facts)
+            check(f"move {hop}: guest facts", check_after_migration, before, facts)
             after = wait_count_beyond(vm, 0, 300)
-            check_counter_continues(counts(src.output()), after)
+            check(f"move {hop}: counter", check_counter_continues, counts(src.output()), after)
             seen = wait_count_beyond(vm, after[-1] + 3, 300)
             print(f"migration {hop}: downtime {status.get('downtime_ms')} ms, "
                   f"{status.get('iteration')} passes, {status.get('bytes_sent')} bytes, "
@@ -136,22 +185,13 @@ def test_migrate_there_and_back_while_counting_and_pinging(ping_target, default_
         # The uptime logged by the loop never went back, across both moves.
         back = agent.check("awk 'NF == 2 && NR > 1 && $2 < p {print \"back:\", p, $2} {p = $2} "
                            "END {print \"rows:\", NR}' /tmp/count.log", timeout=120)
-        assert not re.search(r"back:", back), back
-        rows = int(re.search(r"rows: (\d+)", back).group(1))
-        assert rows > seen[-1], (back, seen[-1])  # a row for every count printed
-
+        check("uptime log", check_uptime_log, back, seen[-1])
         agent.check("kill -INT $(cat /tmp/ping.pid); sleep 1")
         log = agent.check("tail -n 4 /tmp/ping.log; grep -o 'seq=[0-9]*' /tmp/ping.log | tail -n 1",
                           timeout=120)
-        m = re.search(r"(\d+) packets transmitted, (\d+) packets received", log)
-        assert m, log
-        sent, received = int(m.group(1)), int(m.group(2))
-        print(f"ping: {sent} sent, {received} received")
-        assert sent >= 20, log
-        assert sent - received <= 2 * LOSS_PER_MIGRATION, log
-        # and the replies went on to the end (the losses were at the moves)
-        last_seq = int(re.search(r"seq=(\d+)\s*$", log).group(1))
-        assert last_seq >= sent - 1 - LOSS_PER_MIGRATION, log
+        print("ping:", log)
+        check("ping", check_ping, log)
+        assert not check.failed, "\n".join(check.failed)
     finally:
         for v in vms:
             v.stop()
