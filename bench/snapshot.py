@@ -14,7 +14,11 @@ is killed and `vmmd --restore` started; restore-to-first-guest-instruction is
 taken from vmmd's log line "restore: vCPUs started at monotonic T" (the vCPU
 threads enter KVM_RUN right after): spawn -> T, and main() -> T (without the
 interpreter's start and imports), with the snapshot checks and the RAM load
-reported separately. Baseline in the same run: `cp --sparse=always` of the
+reported separately. Then the same snapshot into a waiting vmmd (`vmmd
+--restore-wait`, started and its spare device processes ready): from the
+client sending snapshot.restore to the same log line ("... after the
+snapshot.restore call"), vmmd's own figure from the call's arrival, and the
+client's wall time to the reply. Baseline in the same run: `cp --sparse=always` of the
 snapshot's ram.img to the snapshot's file system and to /dev/shm (tmpfs, as
 the memfd), i.e. copying the same bytes.
 
@@ -128,12 +132,49 @@ def one(kind: str, guest: str, work: str, ready: str) -> dict:
             vm2.wait_for("B", 60)
     finally:
         _kill(vm2)
+    out.update(restore_wait(snap, os.path.join(work, "c"), kind))
     out.update(restore_from_spawn_ms=(float(m.group(1)) - t_spawn) * 1000,
                restore_from_main_ms=float(m.group(2)), restore_checks_ms=float(m.group(3)),
                restore_ram_ms=float(m.group(4)), restore_vmmd_setup_ms=float(m.group(5)),
                restore_spawn_devices_ms=float(m.group(6)),
                restore_device_states_ms=float(m.group(7)), restore_kvm_ms=float(m.group(8)))
     return out
+
+
+WAIT_RE = (r"restore: vCPUs started at monotonic ([\d.]+), ([\d.]+) ms after the snapshot.restore call "
+           r"\(snapshot checks ([\d.]+) ms, RAM ([\d.]+) ms, vmmd imports and set-up ([\d.-]+) ms, "
+           r"device processes started in ([\d.]+) ms, device states ([\d.]+) ms, KVM state ([\d.]+) ms\)")
+
+
+def restore_wait(snap: str, work: str, kind: str) -> dict:
+    """`vmmd --restore-wait` started and ready (spares imported), then timed from
+    the client sending snapshot.restore to vmmd's "restore: vCPUs started" line."""
+    from pathlib import Path
+    os.makedirs(work)
+    t_spawn = time.monotonic()
+    vm = VmmdProcess(Path(work), ["--restore-wait"], com1=None)
+    try:
+        vm.wait_api(60)
+        spares = vm.rpc("vm.info")["spares"]
+        while spares["starting"]:
+            time.sleep(0.01)
+            spares = vm.rpc("vm.info")["spares"]
+        ready_ms = (time.monotonic() - t_spawn) * 1000
+        time.sleep(0.5)  # let the start-up's last work (page cache, logging) settle
+        t_call = time.monotonic()
+        r = vm.rpc("snapshot.restore", {"path": snap, "consoles": {"com1": f"file,{vm.console}"}}, timeout=300)
+        reply_ms = (time.monotonic() - t_call) * 1000
+        m = re.search(WAIT_RE, vm.stderr())
+        if m is None:
+            raise RuntimeError(f"waiting restore did not log its start: {vm.stderr()[-2000:]}")
+        vm.wait_for("PING" if kind == "idle" else "B", 60)
+    finally:
+        _kill(vm)
+    return {"wait_ready_ms": ready_ms, "wait_call_to_vcpus_ms": (float(m.group(1)) - t_call) * 1000,
+            "wait_vmmd_ms": float(m.group(2)), "wait_reply_ms": reply_ms, "wait_checks_ms": float(m.group(3)),
+            "wait_ram_ms": float(m.group(4)), "wait_setup_ms": float(m.group(5)),
+            "wait_devices_ms": float(m.group(6)), "wait_device_states_ms": float(m.group(7)),
+            "wait_kvm_ms": float(m.group(8)), "wait_total_ms_reply": r["total_ms"]}
 
 
 def main() -> int:
@@ -175,6 +216,8 @@ def main() -> int:
             "create_commit_ms", "cp_same_fs_ms", "cp_to_shm_ms",
             "restore_from_spawn_ms", "restore_from_main_ms", "restore_checks_ms", "restore_ram_ms",
             "restore_vmmd_setup_ms", "restore_spawn_devices_ms", "restore_device_states_ms", "restore_kvm_ms",
+            "wait_ready_ms", "wait_call_to_vcpus_ms", "wait_vmmd_ms", "wait_reply_ms", "wait_checks_ms",
+            "wait_ram_ms", "wait_setup_ms", "wait_devices_ms", "wait_device_states_ms", "wait_kvm_ms",
             "size_on_disk", "apparent_size", "ram_bytes_written"]
     for kind in ("idle", "half"):
         rs = [r for r in results if r["guest"] == kind]

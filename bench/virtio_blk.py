@@ -46,17 +46,49 @@ WORKLOADS = [
 ]
 
 
-def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, seconds: float) -> dict:
+STALL_WARN = 10.0     # seconds without a completion: say so on stderr, keep waiting ...
+STALL_LIMIT = 120.0   # ... up to this (a loaded machine may starve the device that long)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time a process has used (None without a pid / once it is gone)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Stalled(RuntimeError):
+    """No completion within STALL_LIMIT: the run is abandoned, with the load."""
+
+
+def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, seconds: float,
+                start_block: int = 0, stop_at_end: bool = False, max_requests: int | None = None,
+                stall_limit: float = STALL_LIMIT, device_pid: int | None = None) -> dict:
+    """QD requests in flight for `seconds`. Sequential runs start at
+    start_block and wrap at the end of the disk (or, with stop_at_end, stop
+    there); the result says where the next run would start (next_block).
+    max_requests: stop submitting after that many (and `seconds`, whichever first).
+    device_pid: the device process, whose CPU time per request is reported
+    (device_cpu_us: what the device spent, however busy the machine was).
+    max_wait_s is the longest wait for a completion: on a starved machine it
+    shows in the figures instead of killing the benchmark."""
     nsect = bs // SECTOR
     blocks = disk.config.capacity // nsect
     rng = random.Random(1)
     payload = os.urandom(bs)
-    pos = [0]
+    pos = [start_block % blocks]
+    wrapped = [False]
 
     def next_sector() -> int:
         if sequential:
             b = pos[0]
             pos[0] = (b + 1) % blocks
+            wrapped[0] |= pos[0] == 0
             return b * nsect
         return rng.randrange(blocks) * nsect
 
@@ -65,30 +97,57 @@ def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, se
             return disk.submit_read(next_sector(), nsect, kick=False)
         return disk.submit_write(next_sector(), payload, kick=False)
 
+    budget = [max_requests if max_requests is not None else 1 << 62]
+
+    def more() -> bool:
+        return budget[0] > 0 and not (stop_at_end and wrapped[0])
+
     inflight = 0
     for _ in range(qd):
+        if not more():
+            break
         submit()
+        budget[0] -= 1
         inflight += 1
     done = 0
+    max_wait = 0.0
+    cpu0 = cpu_seconds(device_pid)
     start = time.perf_counter()
     deadline = start + seconds
     disk.kick()
     while inflight:
-        reqs = disk.wait_any(0, timeout=10.0)
-        if not reqs:
-            raise RuntimeError(f"no completion within 10 s ({inflight} in flight)")
+        t0 = time.perf_counter()
+        reqs = disk.wait_any(0, timeout=STALL_WARN)
+        while not reqs:
+            waited = time.perf_counter() - t0
+            load = os.getloadavg()
+            if waited >= stall_limit:
+                raise Stalled(f"{rw} {bs} B QD{qd}: no completion within {waited:.0f} s "
+                              f"({inflight} in flight, load {load[0]:.1f} on {os.cpu_count()} CPUs)")
+            print(f"bench: {rw} {bs} B QD{qd}: no completion for {waited:.0f} s "
+                  f"(load {load[0]:.1f}), still waiting", file=sys.stderr, flush=True)
+            reqs = disk.wait_any(0, timeout=min(STALL_WARN, stall_limit - waited))
+        max_wait = max(max_wait, time.perf_counter() - t0)
         for r in reqs:
             if r.status != 0:
-                raise RuntimeError(f"request failed with status {r.status}")
+                what = "no status written" if r.status == 0xEE else f"status {r.status}"
+                raise RuntimeError(f"{rw} {bs} B QD{qd}: a request completed with {what}")
         inflight -= len(reqs)
         done += len(reqs)
-        if time.perf_counter() < deadline:
+        if time.perf_counter() < deadline and more():
             for _ in reqs:
+                if not more():
+                    break
                 submit()
+                budget[0] -= 1
                 inflight += 1
             disk.kick()
     elapsed = time.perf_counter() - start
-    return {"iops": done / elapsed, "mbps": done * bs / elapsed / 1e6, "requests": done}
+    cpu1 = cpu_seconds(device_pid)
+    cpu_us = 1e6 * (cpu1 - cpu0) / done if cpu0 is not None and cpu1 is not None and done else None
+    return {"iops": done / elapsed, "mbps": done * bs / elapsed / 1e6, "requests": done,
+            "max_wait_s": max_wait, "next_block": pos[0], "wrapped": wrapped[0],
+            "device_cpu_us": cpu_us}
 
 
 def run_fio(path: str, rw: str, bs: int, qd: int, sequential: bool, seconds: float,
@@ -111,7 +170,7 @@ def run_fio(path: str, rw: str, bs: int, qd: int, sequential: bool, seconds: flo
 
 def measure_mode(path: str, bus_only: bool, seconds: float, sandbox: str) -> dict:
     results = {}
-    with Harness(sandbox=sandbox, bus_only=bus_only, mem_size=256 << 20, timeout=10.0) as h:
+    with Harness(sandbox=sandbox, bus_only=bus_only, mem_size=256 << 20, timeout=60.0) as h:
         h.add_device(blk_spec(path, 2, ["cache=writeback"], bus_only=bus_only))
         disk = VirtioBlk(h, 2)
         disk.copy_data = False

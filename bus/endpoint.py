@@ -145,6 +145,20 @@ class VmmChannel:
             except zmq.Again:
                 self._wait(zmq.POLLOUT, deadline, abort_fd, f"room to send {what}")
 
+    def _send_counted(self, frame: bytes, deadline: float, abort_fd: int | None, what: str) -> int | None:
+        """_send a READ or WRITE, counted in the journal first: the device may
+        handle it and checkpoint before this thread runs again, and a checkpoint
+        never covers more than vmmd counted. Uncounted if it never left."""
+        journal = self.journal
+        index = journal.count(self.generation) if journal is not None else None
+        try:
+            self._send(frame, deadline, abort_fd, what)
+        except BaseException:
+            if journal is not None:
+                journal.uncount(index)
+            raise
+        return index
+
     def _recv(self, deadline: float, abort_fd: int | None, what: str,
               limit: int = protocol.MAX_FRAME) -> Message:
         """The next valid message on req; ProtocolError (logged) for garbage
@@ -238,9 +252,9 @@ class VmmChannel:
         deadline = time.monotonic() + timeout
         with self._locked(deadline, "READ"):
             seq = self._next_seq()
-            self._send(protocol.encode(Read(seq, space, addr, size)), deadline, abort_fd, "READ")
             journal = self.journal
-            index = journal.count(self.generation) if journal is not None else None
+            index = self._send_counted(protocol.encode(Read(seq, space, addr, size)), deadline, abort_fd,
+                                       "READ")
             reply = self._await_reply(seq, ReadReply, deadline, abort_fd, f"reply to READ {addr:#x}")
             if reply.value >> (8 * size):
                 text = f"value {reply.value:#x} does not fit a {size}-byte read"
@@ -257,10 +271,10 @@ class VmmChannel:
         frame = protocol.encode(Write(space, addr, size, value))
         deadline = time.monotonic() + timeout
         with self._locked(deadline, "WRITE"):
-            self._send(frame, deadline, abort_fd, "WRITE")
             journal = self.journal
+            index = self._send_counted(frame, deadline, abort_fd, "WRITE")
             if journal is not None:
-                journal.record(journal.count(self.generation), False, space, addr, size, value)
+                journal.record(index, False, space, addr, size, value)
 
     def control(self, op: str, args: dict, timeout: float = DEFAULT_TIMEOUT,
                 abort_fd: int | None = None, max_reply: int | None = None) -> Any:

@@ -427,12 +427,22 @@ def main(kind: str, model_module: str | None = None, policy: Any = None,
         boot = parse_bootstrap(args.bootstrap, kind)
     except BootstrapError as exc:
         _usage_exit(kind, str(exc))
+    run(boot, kind, model_module, policy)
+
+
+def run(boot: Bootstrap, kind: str, model_module: str | None = None, policy: Any = None,
+        isolated: bool = False) -> NoReturn:
+    """Everything after the bootstrap was parsed, in the security order of the
+    module doc: the same for a process exec'd with --bootstrap and for a spare
+    (devices/spare.py) that received it later. isolated: the spare ran step 2
+    (isolate()) before its bootstrap arrived."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"[{boot.id}] %(levelname)s %(name)s: %(message)s")
     if boot.unknown_keys:
         log.warning("ignoring unknown bootstrap keys: %s", ", ".join(boot.unknown_keys))
 
-    _isolate(boot)
+    if not isolated:
+        _isolate(boot)
 
     _load_bus()
     import uvloop

@@ -115,6 +115,16 @@ class DeviceCgroup:
             raise
         return fds
 
+    def rename(self, name: str) -> None:
+        """Rename every directory to `name` (same parent): a spare device process's
+        cgroup becoming its incarnation's. OSError leaves the names it could not change."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad cgroup name {name!r}")
+        for i, d in enumerate(self.dirs):
+            new = os.path.join(os.path.dirname(d), name)
+            os.rename(d, new)
+            self.dirs[i] = new
+
     def remove(self) -> None:
         """rmdir each directory (after the processes in it were reaped)."""
         for d in self.dirs:
@@ -217,33 +227,40 @@ class CgroupManager:
             raise OSError(errno.ENOTSUP, f"no cgroups: {self.reason}")
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"bad cgroup name {name!r}")
-        memory = limits.memory_for(guest_memory)
         made: list[str] = []
-        written = {}
         try:
             if self.version == "v2":
                 d = os.path.join(self._bases[""], name)
                 os.mkdir(d, 0o755)
                 made.append(d)
-                _write(os.path.join(d, "memory.max"), str(memory))
-                if os.path.exists(os.path.join(d, "memory.swap.max")):
-                    _write(os.path.join(d, "memory.swap.max"), "0")
-                _write(os.path.join(d, "pids.max"), str(limits.pids_max))
-                written = {"memory.max": memory, "pids.max": limits.pids_max}
             else:
-                dm = os.path.join(self._bases["memory"], name)
-                os.mkdir(dm, 0o755)
-                made.append(dm)
-                _write(os.path.join(dm, "memory.limit_in_bytes"), str(memory))
-                dp = os.path.join(self._bases["pids"], name)
-                os.mkdir(dp, 0o755)
-                made.append(dp)
-                _write(os.path.join(dp, "pids.max"), str(limits.pids_max))
-                written = {"memory.limit_in_bytes": memory, "pids.max": limits.pids_max}
+                for c in ("memory", "pids"):
+                    d = os.path.join(self._bases[c], name)
+                    os.mkdir(d, 0o755)
+                    made.append(d)
+            cg = DeviceCgroup(made, {})
+            self.set_limits(cg, limits, guest_memory)
         except OSError:
             DeviceCgroup(made, {}).remove()
             raise
-        return DeviceCgroup(made, written)
+        return cg
+
+    def set_limits(self, cg: DeviceCgroup, limits: CgroupLimits, guest_memory: int = 0) -> None:
+        """Write the limits into a cgroup create() made (again: a spare's cgroup
+        gets its device's limits when it becomes that device's)."""
+        memory = limits.memory_for(guest_memory)
+        if self.version == "v2":
+            d = cg.dirs[0]
+            _write(os.path.join(d, "memory.max"), str(memory))
+            if os.path.exists(os.path.join(d, "memory.swap.max")):
+                _write(os.path.join(d, "memory.swap.max"), "0")
+            _write(os.path.join(d, "pids.max"), str(limits.pids_max))
+            cg.limits = {"memory.max": memory, "pids.max": limits.pids_max}
+        else:
+            dm, dp = cg.dirs
+            _write(os.path.join(dm, "memory.limit_in_bytes"), str(memory))
+            _write(os.path.join(dp, "pids.max"), str(limits.pids_max))
+            cg.limits = {"memory.limit_in_bytes": memory, "pids.max": limits.pids_max}
 
     def close(self) -> None:
         """Remove the sub-hierarchy (device cgroups must be gone already)."""

@@ -47,6 +47,7 @@ class AccessJournal:
         self._lock = threading.Lock()
         self.generation = 0     # the incarnation whose accesses are counted
         self.sent = 0           # accesses sent to it (its CHECKPOINTs count the same way)
+        self._acked = 0         # the most accesses a checkpoint of it covered
         self._entries: deque[tuple[int, Access]] = deque()
         self._lost_upto = 0     # accesses up to this index were dropped (over the limit)
         self._carried: list[Access] | None = []   # put back by a successor that failed
@@ -61,14 +62,22 @@ class AccessJournal:
             self.sent += 1
             return self.sent
 
+    def uncount(self, index: int | None) -> None:
+        """The access counted as `index` was never sent (the channel's lock is
+        still held: it is the last one counted)."""
+        with self._lock:
+            if index is not None and index == self.sent:
+                self.sent -= 1
+
     def record(self, index: int | None, is_read: bool, space: IoSpace, addr: int, size: int,
                value: int) -> None:
-        """The access counted as `index` (by count()), once sent (a read: once answered)."""
+        """The access counted as `index` (by count()), once sent (a read: once
+        answered): a checkpoint may already cover it, then it is not kept."""
         if index is None:
             return
         access = Access(is_read, space, addr, size, value)
         with self._lock:
-            if index <= self._lost_upto:
+            if index <= self._lost_upto or index <= self._acked:
                 return
             self._entries.append((index, access))
             if len(self._entries) > self.limit:
@@ -84,6 +93,7 @@ class AccessJournal:
                 return ""   # a stale incarnation's event: nothing of it is journaled
             if applied > self.sent:
                 return f"it claims {applied} accesses applied, vmmd sent {self.sent}"
+            self._acked = max(self._acked, applied)
             entries = self._entries
             while entries and entries[0][0] <= applied:
                 entries.popleft()
@@ -95,6 +105,7 @@ class AccessJournal:
         """A state saved (CONTROL save) while nothing was being sent covers everything."""
         with self._lock:
             if generation == self.generation:
+                self._acked = self.sent
                 self._entries.clear()
                 self._lost_upto = 0
 
@@ -110,7 +121,7 @@ class AccessJournal:
             else:
                 pending = [a for _, a in self._entries]
             self.generation = generation
-            self.sent = 0
+            self.sent = self._acked = 0
             self._entries.clear()
             self._lost_upto = 0
             self._carried = []
@@ -121,7 +132,7 @@ class AccessJournal:
         the same accesses (its own, sent during a replay, are forgotten)."""
         with self._lock:
             self.generation = -1
-            self.sent = 0
+            self.sent = self._acked = 0
             self._entries.clear()
             self._lost_upto = 0
             self._carried = pending

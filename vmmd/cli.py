@@ -112,9 +112,35 @@ def _restore_or_exit(argv: list[str]):
     return prepared.cfg, prepared
 
 
+def _wait_or_exit(argv: list[str]):
+    """`vmmd --restore-wait --api-socket S ...` (vmmd/restore_wait.py)."""
+    from vmmd.restore_wait import parse_wait_args
+    try:
+        return parse_wait_args(argv)
+    except ConfigError as exc:
+        print(error_line(exc), file=sys.stderr)
+        sys.exit(2)
+
+
+def _main_waiting(wcfg) -> int:
+    from vmmd.restore_wait import serve_waiting
+    logging.basicConfig(
+        level=getattr(logging, wcfg.log_level.upper(), logging.INFO),
+        format="vmmd %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    raise_nofile_limit()
+    import uvloop
+    try:
+        return uvloop.run(serve_waiting(wcfg))
+    except ConfigError as exc:   # /dev/kvm or the API socket: before anything started
+        print(error_line(exc), file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     prepared = None
+    if "--restore-wait" in argv:
+        return _main_waiting(_wait_or_exit(argv))
     if any(a == "--incoming" or a.startswith("--incoming=") for a in argv):
         from vmmd.migration.incoming import prepare_or_exit  # live migration's destination
         cfg, prepared = prepare_or_exit(argv)

@@ -22,6 +22,7 @@ import vmmd
 
 EXIT_OK, EXIT_RPC_ERROR, EXIT_USAGE, EXIT_NO_CONNECTION = 0, 1, 2, 3
 DEFAULT_TIMEOUT = 10.0
+RESTORE_TIMEOUT = 300.0
 MAX_REPLY = 64 << 20
 ENV_SOCKET = "VMMD_API_SOCKET"
 
@@ -273,6 +274,39 @@ def _show_migration(st: dict) -> str:
     return f"migration {st.get('state')} to {st.get('uri')}"
 
 
+def _restore_params(a: argparse.Namespace) -> dict:
+    """`vmmctl restore` -> snapshot.restore's params (vmmd checks them as `vmmd --restore` would);
+    paths made absolute, since vmmd does not share our working directory."""
+    params: dict[str, Any] = {"path": os.path.abspath(a.dir)}
+    if a.clock:
+        params["clock"] = a.clock
+    if a.paused:
+        params["paused"] = True
+    for key, items, is_path in (("disks", a.disk, True), ("nets", a.net, False)):
+        pairs = [text.partition("=")[::2] for text in items]
+        if pairs:
+            params[key] = {slot: os.path.abspath(v) if is_path and v else v for slot, v in pairs}
+    consoles = {}
+    for text in a.console:
+        port, _, spec = text.partition(",")
+        kind, sep, target = spec.partition(",")
+        consoles[port] = f"{kind},{os.path.abspath(target)}" if sep and kind in ("file", "socket") else spec
+    if consoles:
+        params["consoles"] = consoles
+    if a.sandbox:
+        params["sandbox"] = a.sandbox
+    if a.device_timeout is not None:
+        params["device_timeout"] = a.device_timeout
+    return params
+
+
+def _show_restore(r: dict) -> str:
+    return (f"restored: vCPUs {r.get('state')} {r.get('total_ms', 0):.1f} ms after the call "
+            f"(checks {r.get('checks_ms', 0):.1f}, RAM {r.get('ram_ms', 0):.1f}, "
+            f"device processes {r.get('devices_started_ms', 0):.1f}, device states "
+            f"{r.get('device_states_ms', 0):.1f}, KVM {r.get('kvm_ms', 0):.1f} ms)")
+
+
 def _json_params(text: str | None) -> dict | list | None:
     if text is None:
         return None
@@ -329,6 +363,19 @@ COMMANDS: list[Command] = [
                               **({"diff_from": os.path.abspath(a.diff_from)} if a.diff_from else {}),
                               **({"disks": a.disks} if a.disks else {})},
             run=_snapshot_with_progress, show=_show_snapshot),
+    Command("restore", "restore a snapshot into a waiting `vmmd --restore-wait`", "snapshot.restore",
+            args=(Arg("dir", "snapshot directory", metavar="DIR"),),
+            flags=((("--clock",), {"choices": ("advance", "freeze"), "help": "guest clock (default advance)"}),
+                   (("--paused",), {"action": "store_true", "help": "leave the vCPUs paused"}),
+                   (("--disk",), {"action": "append", "default": [], "metavar": "SLOT=PATH"}),
+                   (("--net",), {"action": "append", "default": [], "metavar": "SLOT=tap=NAME|socket=PATH"}),
+                   (("-l", "--console"), {"action": "append", "default": [], "metavar": "SPEC",
+                                          "help": "com1|com2,stdio|null|file,PATH|socket,PATH"}),
+                   (("--sandbox",), {"choices": ("on", "log", "off")}),
+                   (("--device-timeout",), {"type": float, "metavar": "S"})),
+            params=lambda a: _restore_params(a), show=_show_restore,
+            # A big snapshot's RAM takes a while to load and check: at least RESTORE_TIMEOUT.
+            run=lambda a, path, method, params: call(path, method, params, max(a.timeout, RESTORE_TIMEOUT))),
     Command("migrate", "live-migrate the VM to a `vmmd --incoming URI` destination", "migration.start",
             args=(Arg("uri", "unix:PATH or tcp:HOST:PORT", metavar="URI"),),
             flags=((("--wait",), {"action": "store_true", "help": "show progress until it ends"}),

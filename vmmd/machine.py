@@ -51,8 +51,11 @@ def virtio_blk_queues(args, where: str) -> int:
 
 
 class Machine:
-    def __init__(self, cfg, memory: GuestMemory | None = None, restore=None):
+    def __init__(self, cfg, memory: GuestMemory | None = None, restore=None, kvm: Kvm | None = None,
+                 spares=None):
         self.cfg = cfg
+        self.spares = spares  # vmmd.spare_pool.SparePool: pre-started device processes (--restore-wait)
+        self.restore_report: dict | None = None  # figures of the restore, once its vCPUs run
         # --restore: a vmmd.snapshot.restore.Prepared (its RAM already loaded into `memory`)
         self.restore_from = restore
         self.snapshot_progress: dict | None = None  # snapshot.create in progress (vm.info)
@@ -68,7 +71,7 @@ class Machine:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future | None = None
         self._transition = asyncio.Lock()
-        self.kvm = Kvm()
+        self.kvm = kvm if kvm is not None else Kvm()
         self.memory = memory if memory is not None else GuestMemory.create(cfg.memory)
         self.iospace = IoSpaceMap()
         self.assists = assists.AssistSet(self._assists_enabled())
@@ -98,6 +101,19 @@ class Machine:
     # -- life cycle ------------------------------------------------------------
     async def run(self) -> int:
         """Boot the VM and serve until it ends; returns vmmd's exit code."""
+        try:
+            await self.start()
+            return await self.wait()
+        finally:
+            await self._teardown()
+
+    async def wait(self) -> int:
+        """After start(): until the VM ends; vmmd's exit code. The caller tears down."""
+        return await self._done
+
+    async def start(self) -> None:
+        """Boot (or restore) the VM up to its vCPUs running. On an exception the
+        caller tears down (_teardown) what was started."""
         self.loop = asyncio.get_running_loop()
         self._done = self.loop.create_future()
         install_kick_handler()
@@ -107,71 +123,73 @@ class Machine:
             irq_line=self._irq_line, on_request=self._device_request,
             sandbox=self.cfg.sandbox, timeout=self.cfg.device_timeout,
             pci=self.pci, fast_path=self.cfg.bus_mode == "fast",
-            crash_limit=self.cfg.device_crash_limit)
-        try:
-            specs = self._device_specs()
-            # Host resources first (a tap that cannot be opened is a usage error,
-            # reported before any device process has started).
-            host_fds = {spec.id: self._open_net_backend(spec) for spec in specs
-                        if spec.kind == "virtio_net"}
-            t_dev = time.monotonic()
-            devices = []
-            for spec in specs:
-                spec.max_state = STATE_LIMITS.get(spec.kind, DEFAULT_STATE_LIMIT)
-                dev = self.supervisor.add(spec)
-                dev.fds.update(host_fds.get(spec.id, {}))
-                if spec.kind == "virtio_blk":
-                    self._add_fdpass(dev)
-                devices.append(dev)
-            preload = None
-            if self.restore_from is not None:
-                # start_tracking() (numpy, for KVM's dirty log) runs right before the
-                # vCPUs start: import it while the device processes boot instead.
-                preload = self.loop.run_in_executor(None, __import__, "vmmd.snapshot.create")
-            await self.supervisor.start_all(devices)  # their processes start in parallel
+            crash_limit=self.cfg.device_crash_limit, spares=self.spares)
+        specs = self._device_specs()
+        # Host resources first (a tap that cannot be opened is a usage error,
+        # reported before any device process has started).
+        host_fds = {spec.id: self._open_net_backend(spec) for spec in specs
+                    if spec.kind == "virtio_net"}
+        t_dev = time.monotonic()
+        devices = []
+        for spec in specs:
+            spec.max_state = STATE_LIMITS.get(spec.kind, DEFAULT_STATE_LIMIT)
+            dev = self.supervisor.add(spec)
+            dev.fds.update(host_fds.get(spec.id, {}))
+            if spec.kind == "virtio_blk":
+                self._add_fdpass(dev)
+            devices.append(dev)
+        preload = None
+        if self.restore_from is not None:
+            # start_tracking() (numpy, for KVM's dirty log) runs right before the
+            # vCPUs start: import it while the device processes boot instead.
+            preload = self.loop.run_in_executor(None, __import__, "vmmd.snapshot.create")
+        await self.supervisor.start_all(devices)  # their processes start in parallel
+        t_restore = time.monotonic()
+        incoming = getattr(self.restore_from, "incoming", None)  # vmmd --incoming
+        if incoming is not None:
+            await incoming.receive(self)  # RAM and state: overlaps the device start-up above
             t_restore = time.monotonic()
-            incoming = getattr(self.restore_from, "incoming", None)  # vmmd --incoming
-            if incoming is not None:
-                await incoming.receive(self)  # RAM and state: overlaps the device start-up above
-                t_restore = time.monotonic()
-            if self.restore_from is not None:
-                from vmmd.snapshot import restore as snaprestore
-                await snaprestore.restore_devices(self, self.restore_from.tip)
-            t_vm = time.monotonic()
-            self._build_vm()
-            if self.restore_from is not None:
-                await preload
-                from vmmd.snapshot import create as snapcreate
-                snapcreate.start_tracking(self, self.restore_from.tip.id)
-            paused = self.restore_from is not None and (self.restore_from.paused or incoming is not None)
-            if paused:
-                self.control.pause(0)  # the vCPU threads park before their first KVM_RUN
-            self._start_vcpus(keep_control=paused)
-            self.state = "paused" if paused else "running"
-            if incoming is not None:
-                log.info("incoming: device states %.1f ms, KVM state %.1f ms",
-                         (t_vm - t_restore) * 1000, (time.monotonic() - t_vm) * 1000)
-                await incoming.finish(self)  # mig-ready, wait for mig-go, resume, mig-running
-            if self.restore_from is not None:
-                t = self.restore_from.timings or {}
-                now = time.monotonic()
-                main_at = t.get("main_at", now)
-                startup = (t_dev - main_at) * 1000 - t.get("verify", 0) - t.get("ram", 0)
-                log.info("restore: vCPUs started at monotonic %.6f, %.1f ms after main() "
-                         "(snapshot checks %.1f ms, RAM %.1f ms, vmmd imports and set-up %.1f ms, "
-                         "device processes started in %.1f ms, device states %.1f ms, KVM state %.1f ms)", now,
-                         (now - main_at) * 1000, t.get("verify", 0), t.get("ram", 0), startup,
-                         (t_restore - t_dev) * 1000, (t_vm - t_restore) * 1000, (now - t_vm) * 1000)
-            if self.cfg.api_socket:
-                # Import the snapshot code off the critical path, so the first
-                # snapshot.create does not pay for it with the VM paused (numpy
-                # scans its RAM; a restore of a mostly empty guest did without).
-                for module in ("vmmd.snapshot.create", "numpy"):
-                    self.loop.run_in_executor(None, __import__, module)
-            self.started_at = time.monotonic()
-            return await self._done
-        finally:
-            await self._teardown()
+        if self.restore_from is not None:
+            from vmmd.snapshot import restore as snaprestore
+            await snaprestore.restore_devices(self, self.restore_from.tip)
+        t_vm = time.monotonic()
+        self._build_vm()
+        if self.restore_from is not None:
+            await preload
+            from vmmd.snapshot import create as snapcreate
+            snapcreate.start_tracking(self, self.restore_from.tip.id)
+        paused = self.restore_from is not None and (self.restore_from.paused or incoming is not None)
+        if paused:
+            self.control.pause(0)  # the vCPU threads park before their first KVM_RUN
+        self._start_vcpus(keep_control=paused)
+        self.state = "paused" if paused else "running"
+        if incoming is not None:
+            log.info("incoming: device states %.1f ms, KVM state %.1f ms",
+                     (t_vm - t_restore) * 1000, (time.monotonic() - t_vm) * 1000)
+            await incoming.finish(self)  # mig-ready, wait for mig-go, resume, mig-running
+        if self.restore_from is not None:
+            t = self.restore_from.timings or {}
+            now = time.monotonic()
+            main_at = t.get("main_at", now)
+            startup = (t_dev - main_at) * 1000 - t.get("verify", 0) - t.get("ram", 0)
+            self.restore_report = {
+                "total_ms": (now - main_at) * 1000, "checks_ms": t.get("verify", 0),
+                "ram_ms": t.get("ram", 0), "setup_ms": startup,
+                "devices_started_ms": (t_restore - t_dev) * 1000,
+                "device_states_ms": (t_vm - t_restore) * 1000, "kvm_ms": (now - t_vm) * 1000}
+            since = t.get("since", "main()")
+            log.info("restore: vCPUs started at monotonic %.6f, %.1f ms after %s "
+                     "(snapshot checks %.1f ms, RAM %.1f ms, vmmd imports and set-up %.1f ms, "
+                     "device processes started in %.1f ms, device states %.1f ms, KVM state %.1f ms)", now,
+                     (now - main_at) * 1000, since, t.get("verify", 0), t.get("ram", 0), startup,
+                     (t_restore - t_dev) * 1000, (t_vm - t_restore) * 1000, (now - t_vm) * 1000)
+        if self.cfg.api_socket:
+            # Import the snapshot code off the critical path, so the first
+            # snapshot.create does not pay for it with the VM paused (numpy
+            # scans its RAM; a restore of a mostly empty guest did without).
+            for module in ("vmmd.snapshot.create", "numpy"):
+                self.loop.run_in_executor(None, __import__, module)
+        self.started_at = time.monotonic()
 
     def _device_specs(self) -> list[DeviceSpec]:
         specs = []

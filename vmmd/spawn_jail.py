@@ -33,6 +33,17 @@ class Spawn:
         self.log_r, self.log_w = log_r, log_w
         self.bootstrap = bootstrap
         self.reader: PipeReader | None = None
+        self._adopt = None   # (manager, limits, guest memory, name): a spare's cgroup to finish
+
+    def finish_adopt(self) -> None:
+        """A spare's cgroup becomes the device's: its limits, then its name. Done
+        while the device sets itself up, before vmmd attaches it (before any guest
+        access or state reaches it); OSError if the kernel refuses."""
+        if self._adopt is not None:
+            manager, limits, guest_memory, name = self._adopt
+            self._adopt = None
+            manager.set_limits(self.cgroup, limits, guest_memory)
+            self.cgroup.rename(name)
 
     @property
     def pass_fds(self) -> list[int]:
@@ -99,10 +110,22 @@ class JailSetup:
         except (ImportError, AttributeError):
             return DEFAULT_LIMITS
 
-    def prepare(self, spec: DeviceSpec, gen: int, guest_memory: int) -> Spawn:
+    def prepare(self, spec: DeviceSpec, gen: int, guest_memory: int, adopt=None) -> Spawn:
+        """adopt: (DeviceCgroup, its CgroupManager) of a spare device process
+        (vmmd.spare_pool), already in it: the bootstrap names no cgroup to join,
+        and Spawn.finish_adopt() gives it this device's limits and the
+        incarnation's name once the spare has its bootstrap."""
         boot: dict = {}
-        cgroup, fds = None, []
-        if self.sandbox != "off":
+        cgroup, fds, pending = None, [], None
+        if adopt is not None:
+            cgroup, manager = adopt
+            pending = (manager, self.limits_for(spec.kind), guest_memory, f"{spec.id}.{gen}")
+        if cgroup is not None:
+            if self.sandbox != "off":
+                if self.device_ids is not None:
+                    boot["host_ids"] = list(self.device_ids)
+                boot["cgroup_fds"] = []
+        elif self.sandbox != "off":
             if self.device_ids is not None:
                 boot["host_ids"] = list(self.device_ids)
             manager = self._manager()
@@ -117,7 +140,9 @@ class JailSetup:
                     cgroup, fds = None, []
             boot["cgroup_fds"] = fds
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
-        return Spawn(cgroup, fds, log_r, log_w, boot, self.limiter(spec.id))
+        spawn = Spawn(cgroup, fds, log_r, log_w, boot, self.limiter(spec.id))
+        spawn._adopt = pending
+        return spawn
 
     def track(self, inc: Incarnation, spawn: Spawn) -> None:
         with self._lock:

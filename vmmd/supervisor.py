@@ -31,6 +31,7 @@ vmmd's own stderr (a stdio console keeps vmmd's stdout as its console).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -83,8 +84,11 @@ class Supervisor:
                  iospace, irq_line, on_request, sandbox: str, timeout: float,
                  pci=None, fast_path: bool = True, crash_limit: tuple[int, float] = CRASH_LIMIT,
                  cgroup_limits: dict[str, CgroupLimits] | None = None,
-                 device_ids: tuple[int, int] | None = None):
+                 device_ids: tuple[int, int] | None = None, spares=None):
         self.loop = loop
+        # vmmd.spare_pool.SparePool (vmmd --restore-wait): pre-started processes
+        # a spawn takes instead of exec'ing one, while any are left.
+        self.spares = spares
         self.rundir = rundir
         self.memory = memory
         self.iospace = iospace
@@ -219,24 +223,40 @@ class Supervisor:
         if dev.dirty_log is not None:
             boot["fds"]["dirty_log"] = dev.dirty_log.fd
             pass_fds.append(dev.dirty_log.fd)
-        jail = self._jail.prepare(spec, gen, self.memory.size if spec.needs_memory and self.memory else 0)
-        boot.update(jail.bootstrap)
-        pass_fds.extend(jail.pass_fds)
-        cmd = self.command(spec, boot)
-        try:
-            proc = subprocess.Popen(
-                cmd, pass_fds=pass_fds,
-                stdin=None if spec.stdio else subprocess.DEVNULL,
-                stdout=None if spec.stdio else jail.log_w,
-                stderr=jail.log_w,
-                close_fds=True)
-        except OSError as exc:
-            for fd in (status_r, status_w, life_r, life_w):
-                os.close(fd)
-            jail.spawned()
-            jail.release()
-            channel.close()
-            raise SpawnError(f"cannot start device {spec.id}: {exc}") from exc
+        guest_memory = self.memory.size if spec.needs_memory and self.memory else 0
+        spare = self._take_spare(spec)
+        base_boot, base_fds = boot, pass_fds
+        while True:
+            adopt = None
+            if spare is not None and spare.cgroup is not None:
+                adopt = (spare.take_cgroup(), spare.cgroups)
+            jail = self._jail.prepare(spec, gen, guest_memory, adopt=adopt)
+            boot = {**base_boot, **jail.bootstrap}
+            pass_fds = base_fds + jail.pass_fds
+            try:
+                if spare is not None:
+                    proc = self._hand_over(spare, spec, boot, pass_fds, jail.log_w)
+                else:
+                    proc = subprocess.Popen(
+                        self.command(spec, boot), pass_fds=pass_fds,
+                        stdin=None if spec.stdio else subprocess.DEVNULL,
+                        stdout=None if spec.stdio else jail.log_w,
+                        stderr=jail.log_w,
+                        close_fds=True)
+                break
+            except OSError as exc:
+                jail.spawned()
+                if spare is not None:  # it died waiting: the next spare, or a cold start
+                    log.warning("device %s: spare process pid %d gone (%s)", spec.id, spare.proc.pid, exc)
+                    spare.discard()
+                    jail.release()
+                    spare = self._take_spare(spec)
+                    continue
+                for fd in (status_r, status_w, life_r, life_w):
+                    os.close(fd)
+                jail.release()
+                channel.close()
+                raise SpawnError(f"cannot start device {spec.id}: {exc}") from exc
         os.close(status_w)
         os.close(life_r)
         jail.spawned()  # our copies of what only the launcher needs
@@ -252,6 +272,16 @@ class Supervisor:
             proc.wait()  # the launcher exits once it reported the device's pid
         else:
             proc.returncode = 0  # no launcher (sandbox off): we reap it via its pidfd
+        try:
+            jail.finish_adopt()  # a spare's cgroup: limits and name, while the device sets up
+        except (OSError, ValueError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._reap(pid)
+            jail.release()
+            channel.close()
+            os.close(life_w)
+            raise SpawnError(f"device {spec.id}: cannot give it its cgroup limits: {exc}") from exc
         pidfd = os.pidfd_open(pid)
         inc = Incarnation(gen, pid, pidfd, channel, lifeline=life_w)
         self._jail.track(inc, jail)
@@ -282,6 +312,30 @@ class Supervisor:
                 close_incarnation(inc)
                 raise SpawnError(f"device {spec.id} failed while its accesses were replayed: {exc}") from exc
         return inc, hello
+
+    def _take_spare(self, spec: DeviceSpec):
+        """A pre-started process (devices/spare.py) for this device, or None (start it cold)."""
+        from devices.spare import KINDS
+        if self.spares is None or spec.kind not in KINDS:
+            return None
+        # A spare already in its namespaces was isolated for a sandbox, with the default ids.
+        return self.spares.take(isolated_ok=self.sandbox in ("on", "log") and self._jail.device_ids is None)
+
+    @staticmethod
+    def _hand_over(spare, spec: DeviceSpec, boot: dict, pass_fds: list[int], log_w: int):
+        """The spare gets this incarnation's bootstrap and exactly the fds the cold
+        Popen would pass, with the same stdio; OSError if it is gone."""
+        devnull = None
+        try:
+            if spec.stdio:
+                stdio = (0, 1, log_w)
+            else:
+                devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                stdio = (devnull, log_w, log_w)
+            return spare.hand_over(spec.kind, json.dumps(boot), pass_fds, stdio)
+        finally:
+            if devnull is not None:
+                os.close(devnull)
 
     def _replay(self, dev: ManagedDevice, inc: Incarnation, pending) -> None:
         """Into a successor restored from the last checkpoint: the guest's

@@ -7,7 +7,8 @@ already allows preadv/pwritev/pread64/pwrite64, fdatasync/fsync, lseek and
 fstat on open fds) it needs:
 
   preadv2/pwritev2  the data path: CPython's os.preadv/os.pwritev call the
-                 v2 syscalls (flags 0) where the libc has them
+                 v2 syscalls (flags 0) where the libc has them; a qcow2
+                 image's range-limited barriers are pwritev2 with RWF_DSYNC
   fallocate      DISCARD (PUNCH_HOLE|KEEP_SIZE) and WRITE_ZEROES (ZERO_RANGE,
                  or PUNCH_HOLE with UNMAP) on image files; WRITE_ZEROES on
                  block devices
@@ -15,7 +16,9 @@ fstat on open fds) it needs:
                  size and block-size ioctls are issued before the jail)
 
 qcow2 images (qcow2_backend.py) need nothing more: metadata goes through
-pread64/pwrite64, barriers are fdatasync, DISCARD punches holes with
+pread64/pwrite64 (pwritev2 with RWF_DSYNC where it must be durable before
+the next write: a new pool's refcounts, a new L2 table), other barriers are
+fdatasync, DISCARD punches holes with
 fallocate, and the whole backing chain is opened before the jail. A disk
 checkpoint's overlay fd arrives with recvmsg (SCM_RIGHTS) on the "fdpass"
 socket vmmd handed over at bootstrap; zstandard is imported before the jail.

@@ -60,6 +60,10 @@ def open_backend(path: str, *, image_format: str | None, read_only: bool, cache:
     return backend
 
 
+def _as_list(buffers) -> list:
+    return buffers if type(buffers) is list else list(buffers)
+
+
 class Qcow2Backend:
     image_format = "qcow2"
 
@@ -97,7 +101,7 @@ class Qcow2Backend:
 
     def read(self, sector: int, buffers: Sequence, nbytes: int, aligned: bool = False) -> int:
         try:
-            self.image.read_into(sector << SECTOR_SHIFT, list(buffers))
+            self.image.read_into(sector << SECTOR_SHIFT, _as_list(buffers))
         except (Qcow2Error, OSError) as exc:
             return self._error("read", sector, exc)
         return S_OK
@@ -106,7 +110,7 @@ class Qcow2Backend:
         if self.read_only:
             return S_IOERR
         try:
-            self.image.write_from(sector << SECTOR_SHIFT, list(buffers))
+            self.image.write_from(sector << SECTOR_SHIFT, _as_list(buffers))
         except (Qcow2Error, OSError) as exc:
             return self._error("write", sector, exc)
         return S_OK

@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,13 +41,70 @@ def _limits(pid: int) -> dict[str, str]:
         return {line[:26].strip(): line[26:47].strip() for line in f}
 
 
-@pytest.fixture(scope="module")
-def four():
-    """One harness (vmmd's supervisor) running one device of each kind."""
-    with tempfile.TemporaryDirectory(prefix="vmmd-jail-") as workdir, \
-            RecordingHarness(sandbox="on", mem_size=MEM) as h, ExitStack() as stack:
+@contextmanager
+def four_devices(start: str):
+    """One harness (vmmd's supervisor) running one device of each kind, started
+    cold (exec'd) or from spare processes (vmmd --restore-wait's, devices/spare.py)."""
+    from vmmd.spare_pool import SparePool
+    pool = SparePool(len(KINDS), isolate=True)   # as vmmd --restore-wait: in namespaces ahead
+    with ExitStack() as outer, tempfile.TemporaryDirectory(prefix="vmmd-jail-") as workdir:
+        outer.callback(pool.close_cgroups)   # after the harness reaped the devices in them
+        h = outer.enter_context(RecordingHarness(sandbox="on", mem_size=MEM))
+        stack = outer.enter_context(ExitStack())
+        if start == "spare":
+            stack.callback(pool.close)
+            pool.fill()
+            deadline = time.monotonic() + 60
+            while pool.status()["starting"] and time.monotonic() < deadline:
+                time.sleep(0.05)   # an isolated spare is used once it reported its pid
+            h.supervisor.spares = pool
         devs = {kind: stack.enter_context(device_of_kind(h, kind, workdir)) for kind in KINDS}
+        if start == "spare":
+            assert pool.take() is None   # every device came from a spare
+            for dev in devs.values():
+                assert b"devices.spare" in Path(f"/proc/{dev.current.pid}/cmdline").read_bytes()
         yield h, devs
+
+
+@pytest.fixture(scope="module", params=["cold", "spare"])
+def four(request):
+    with four_devices(request.param) as hd:
+        yield hd
+
+
+def _fd_shape(pid: int) -> list[str]:
+    """What a process holds, without numbers: pipe, socket, anon_inode:[eventfd], a file's name."""
+    shape = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        kind = target.split(":[", 1)[0] if target.startswith(("pipe:", "socket:")) else target
+        shape.append(os.path.basename(kind) if kind.startswith("/") else kind)
+    return sorted(shape)
+
+
+def test_spare_started_devices_are_jailed_exactly_like_cold_ones():
+    """Field by field: ids, capabilities, no_new_privs, seccomp filters, rlimits,
+    namespaces and the descriptors held (vmmd --restore-wait's spares)."""
+    fields = (*CAP_FIELDS, "Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "Seccomp_filters")
+    with four_devices("cold") as (hc, cold), four_devices("spare") as (hs, spare):
+        for kind in KINDS:
+            a, b = cold[kind].current.pid, spare[kind].current.pid
+            sa, sb = _status(str(a)), _status(str(b))
+            assert {f: sa[f] for f in fields} == {f: sb[f] for f in fields}, kind
+            la, lb = _limits(a), _limits(b)
+            # RLIMIT_NOFILE is the highest fd kept plus a margin: a spare's fds arrive
+            # numbered from 3 up, a cold device keeps vmmd's numbers.
+            assert int(lb.pop("Max open files")) <= int(la.pop("Max open files")), kind
+            assert la == lb, kind
+            for ns in NAMESPACES:
+                mine = os.readlink(f"/proc/self/ns/{ns}")
+                assert os.readlink(f"/proc/{a}/ns/{ns}") != mine and os.readlink(f"/proc/{b}/ns/{ns}") != mine
+            assert _fd_shape(a) == _fd_shape(b), kind
+            with open(f"/proc/{b}/cgroup") as f:
+                assert f"{spare[kind].spec.id}.{spare[kind].generation}" in f.read(), kind
 
 
 @pytest.mark.parametrize("kind", KINDS)

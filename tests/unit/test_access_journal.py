@@ -96,3 +96,23 @@ def test_a_checkpoint_claiming_unsent_accesses_is_refused_and_not_kept():
     assert dev.last_checkpoint == {"x": 1}
     RecordingSupervisor()._handle_event(dev, p.Checkpoint({"x": 2}, 9))
     assert dev.last_checkpoint == {"x": 1} and dev.refused == {"checkpoint": 1}
+
+
+def test_a_checkpoint_can_come_before_the_sender_records_its_access():
+    # The device handled the write and checkpointed before the vCPU thread
+    # got back to record it: covered, so never replayed.
+    j = AccessJournal()
+    j.begin(1)
+    index = j.count(1)
+    assert j.acknowledge(1, 1) == ""
+    j.record(index, False, PIO, 0x3F9, 1, 5)
+    assert len(j) == 0 and j.begin(2) == []
+
+
+def test_an_access_that_never_left_is_uncounted():
+    j = AccessJournal()
+    j.begin(1)
+    sent(j, 1, 1)
+    j.uncount(j.count(1))               # the send failed
+    assert j.sent == 1
+    assert "claims 2" in j.acknowledge(1, 2)

@@ -68,6 +68,26 @@ def test_unified_host_uses_memory_max_and_pids_max(tmp_path):
         assert f.read() == str(128 * MiB)
 
 
+def test_a_spares_cgroup_becomes_its_devices(tmp_path):
+    """vmmd --restore-wait: the spare's cgroup gets the device's limits and name."""
+    os.makedirs(f"{tmp_path}/memory", exist_ok=True)
+    os.makedirs(f"{tmp_path}/pids", exist_ok=True)
+    m = CgroupManager("vmmd-test", mountinfo=_mountinfo(
+        (f"{tmp_path}/memory", "cgroup", "memory"), (f"{tmp_path}/pids", "cgroup", "pids")),
+        proc_cgroup="9:pids:/\n4:memory:/\n")
+    cg = m.create("spare-1", CgroupLimits(256 * MiB, 32))
+    m.set_limits(cg, CgroupLimits(128 * MiB, 16, plus_guest_memory=True), guest_memory=64 * MiB)
+    cg.rename("virtio-blk2.1")
+    assert cg.dirs == [f"{tmp_path}/memory/vmmd-test/virtio-blk2.1", f"{tmp_path}/pids/vmmd-test/virtio-blk2.1"]
+    assert not os.path.exists(f"{tmp_path}/pids/vmmd-test/spare-1")
+    with open(f"{cg.dirs[0]}/memory.limit_in_bytes") as f:
+        assert int(f.read()) == 192 * MiB
+    assert cg.limits == {"memory.limit_in_bytes": 192 * MiB, "pids.max": 16}
+    for bad in ("", "a/b", ".x"):
+        with pytest.raises(ValueError):
+            cg.rename(bad)
+
+
 def test_no_usable_cgroups_says_why(tmp_path):
     _file(f"{tmp_path}/unified/cgroup.controllers", "hugetlb\n")
     m = CgroupManager("vmmd-test", mountinfo=_mountinfo((f"{tmp_path}/unified", "cgroup2", "x")),

@@ -173,6 +173,14 @@ CASES = [
     ("cmdline-with-nul", ["--kernel", "{d}/guest.elf", "--cmdline", "a\x01b".replace("\x01", "\n")],
      None),  # placeholder replaced below
     ("cmdline-too-long", ["--kernel", "{d}/guest.elf", "--cmdline", "x" * 70000], "--cmdline"),
+    # vmmd --restore-wait (no spare device process may start either)
+    ("wait-no-api-socket", ["--restore-wait"], "needs --api-socket"),
+    ("wait-with-restore", ["--restore-wait", "--api-socket", "{d}/w.sock", "--restore", "{d}"], "takes no --restore"),
+    ("wait-with-slot", ["--restore-wait", "--api-socket", "{d}/w.sock", "-s", "31,lpc"], "unrecognized"),
+    ("wait-spares-5000-digits", ["--restore-wait", "--api-socket", "{d}/w.sock", "--spare-devices", BIG],
+     "--spare-devices"),
+    ("wait-api-socket-no-dir", ["--restore-wait", "--api-socket", "{d}/none/api.sock"], "does not exist"),
+    ("wait-api-socket-live-server", ["--restore-wait", "--api-socket", "{d}/live.sock"], "already listening"),
     # argparse itself
     ("no-boot-source", [], "exactly one of --kernel and --raw"),
     ("unknown-option", ["--bogus"] + G, "unrecognized arguments"),

@@ -4,6 +4,7 @@ bad metadata; never another exception, a hang or an access outside the file."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -418,3 +419,126 @@ def _save(tmp_path, data) -> str:
     p = tmp_path / "expect.raw"
     p.write_bytes(bytes(data))
     return str(p)
+
+
+# --- allocation runs, the pool, range-limited barriers -----------------------------------------
+
+@needs_qemu_img
+def test_sequential_allocation_is_contiguous_and_needs_no_fdatasync(tmp_path, monkeypatch):
+    """Whole clusters written in order land contiguously, one run per request;
+    the pool's refcounts are made durable by RWF_DSYNC writes, not fdatasync."""
+    path = str(tmp_path / "s.qcow2")
+    create_qcow2(path, 16 << 20, cluster_size=65536)
+    img = open_image(path, read_only=False)
+    syncs = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    data = os.urandom(12 << 20)
+    for off in range(0, len(data), 128 << 10):
+        img.write(off, data[off:off + (128 << 10)])
+    if img._dsync:                       # else this file system refused RWF_DSYNC
+        assert syncs == []
+    assert img.pool_size > img.pool_base                  # claimed past the end: it grew
+    ext = [e for e in img.block_status(0, img.size) if e[2] == "data"]
+    assert len(ext) == 1 and ext[0][:2] == (0, len(data))
+    before = len(syncs)
+    img.flush()
+    assert len(syncs) == before + 1
+    monkeypatch.setattr(os, "fdatasync", real)
+    img.close()
+    assert qemu_check(path) == 0
+    img = open_image(path)
+    assert img.read(0, len(data)) == data
+    img.close()
+
+
+@needs_qemu_img
+def test_without_rwf_dsync_barriers_are_fdatasync(tmp_path, monkeypatch):
+    path = str(tmp_path / "f.qcow2")
+    create_qcow2(path, 8 << 20, cluster_size=4096)
+    img = open_image(path, read_only=False)
+    real_pwritev, real_sync = os.pwritev, os.fdatasync
+    calls = {"sync": 0}
+
+    def pwritev(fd, bufs, off, flags=0):
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "not here")
+        return real_pwritev(fd, bufs, off)
+
+    def fdatasync(fd):
+        calls["sync"] += 1
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    data = os.urandom(3 << 20)
+    img.write(4096, data)
+    assert img._dsync == 0 and calls["sync"] >= 2          # the L2 table and the pool
+    monkeypatch.undo()
+    img.close()
+    assert qemu_check(path) == 0
+    img = open_image(path)
+    assert img.read(4096, len(data)) == data
+    img.close()
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("reuse", [False, True])
+def test_kill_leaks_at_most_one_small_pool(tmp_path, reuse):
+    """A kill -9 leaves the pool's refcounts behind: a grown pool lies past
+    the end of the file (not a leak); free clusters are pooled 1 MiB at a time."""
+    path = str(tmp_path / "k.qcow2")
+    create_qcow2(path, 64 << 20, cluster_size=65536)
+    img = open_image(path, read_only=False)
+    img.write(0, os.urandom(40 << 20))
+    if reuse:
+        img.discard(0, 20 << 20)
+        img.close()
+        img = open_image(path, read_only=False)
+        img.write(41 << 20, os.urandom(4 << 20) + b"x")   # new clusters: freed ones
+        assert len(img.pool) < img.pool_size == img.pool_base
+    fd, img.fd = img.fd, -1          # a kill -9: no close, the pool is not given back
+    os.close(fd)
+    assert qemu_check(path) in (0, 3)                 # leaks at most, no corruption
+    img = open_image(path)
+    res = img.check()
+    img.close()
+    assert res["corruptions"] == 0 and res["leaks"] <= (img.pool_base if reuse else 0)
+
+
+@needs_qemu_img
+def test_whole_cluster_runs_over_every_kind_of_cluster(tmp_path):
+    """1 KiB clusters (128 per L2 table): long writes cross L2 tables and
+    replace zero, compressed, allocated, unallocated-over-backing clusters."""
+    cluster, size = 1024, 1 << 20
+    rnd = random.Random(7)
+    base = tmp_path / "base.raw"
+    base_data = bytes(rnd.randrange(4) for _ in range(size))
+    base.write_bytes(base_data)
+    q = str(tmp_path / "mid.qcow2")
+    subprocess.run([QEMU_IMG, "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cluster}",
+                    str(base), q], check=True)      # compressed clusters
+    top = str(tmp_path / "top.qcow2")
+    create_qcow2(top, size, cluster_size=cluster, backing_file="base.raw", backing_format="raw")
+    model = bytearray(base_data)
+    for path in (q, top):
+        img = open_image(path, read_only=False)
+        img.write(10 * cluster, b"x" * 5 * cluster)               # allocated
+        model[10 * cluster:15 * cluster] = b"x" * 5 * cluster
+        img.write_zeroes(20 * cluster, 8 * cluster)              # zero clusters
+        model[20 * cluster:28 * cluster] = bytes(8 * cluster)
+        for i in range(40):
+            off = rnd.randrange(size - 300 * cluster)
+            n = rnd.randrange(1, 300 * cluster)
+            if i % 2:                   # whole clusters only (the never-written fast path)
+                off, n = off - off % cluster, max(cluster, n - n % cluster)
+            data = rnd.randbytes(n)
+            img.write(off, data)
+            model[off:off + n] = data
+        assert img.read(0, size) == bytes(model)
+        img.close()
+        assert qemu_check(path) == 0
+        img = open_image(path)
+        assert img.read(0, size) == bytes(model)
+        img.close()
+        model[:] = base_data

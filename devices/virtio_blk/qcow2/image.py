@@ -5,9 +5,16 @@ pread/pwrite on one fd; all parsing and validation of metadata is format.py's.
 
 Crash consistency (kill -9 at any moment leaves no corruption, only leaks;
 with fdatasync barriers the same holds for power loss):
-  * new clusters come from a small pool whose refcounts are written (and
-    made durable by a barrier) before any L2/L1 entry may point at them; a
-    crash leaves unused pool clusters as leaks;
+  * new clusters come from a pool whose refcounts are written (and made
+    durable) before any L2/L1 entry may point at them; a crash leaves unused
+    pool clusters as leaks. Free clusters inside the file are taken
+    POOL_BYTES at a time (so a crash leaks at most that much of them); once
+    the file is full, clusters are claimed past its end, in pools that double
+    at each refill up to POOL_MAX_BYTES (a writer filling the disk pays one
+    barrier per pool). Those are not leaks: past the end of the file nothing
+    is there, qemu-img check ignores their refcounts, and they are
+    overwritten when the file grows over them (unless a refcount block
+    placed after them grows the file first: then at most one pool leaks);
   * data is written before the L2 entry that maps it; a new L2 table is
     written and made durable before the L1 entry that points at it;
   * a freed cluster (discard, COW of a compressed cluster, old refcount
@@ -18,6 +25,16 @@ with fdatasync barriers the same holds for power loss):
   Metadata is written through (never cached dirty), so a kill -9 of the
   device process loses nothing it acknowledged. FLUSH = fdatasync after the
   pending frees, so everything acknowledged is durable.
+"Made durable" for the pool's refcounts and a new L2 table is a write with
+RWF_DSYNC (only those pages are written back, then the disk's cache is
+flushed), not an fdatasync, which would also write back every dirty data page
+of the file: while the guest streams into new clusters that is the
+difference between one small synchronous write and writing the stream
+synchronously. Without RWF_DSYNC (old kernel, file system refusing it) the
+write is followed by fdatasync, as everywhere else.
+A write of whole clusters that are not yet allocated in place takes a
+contiguous run from the pool: one pwritev of the data, then one pwrite of the
+run's L2 entries (same order as one cluster at a time: data, then mapping).
 With lazy refcounts (compatible bit 0) the image is marked dirty on the first
 write, refcounts are kept in memory and written at close; an image found
 dirty at open is repaired (refcounts rebuilt from the L1/L2 tables).
@@ -42,10 +59,15 @@ _SLOW_BITS = fmt.OFLAG_COMPRESSED | fmt.L2E_STD_RESERVED | fmt.OFLAG_ZERO
 L2_CACHE_BYTES = 4 << 20
 MIN_L2_CACHE = 16
 REFBLOCK_CACHE = 32
-POOL_BYTES = 1 << 20
+POOL_BYTES = 1 << 20          # a pool; one taken past the end of the file doubles ...
+POOL_MAX_BYTES = 64 << 20     # ... up to this (see the module docstring)
+POOL_MAX_CLUSTERS = 1024
 MAX_PENDING_FREES = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+# pwritev2 flag: this write is durable when the call returns (O_DSYNC for one call).
+RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
+_NO_DSYNC = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -88,10 +110,12 @@ class _Cursor:
         return out
 
 
-def pread_into(fd: int, views: list, offset: int, file_size: int | None = None) -> None:
-    """Fill views from fd at offset; bytes past the end of the file read as zeros."""
+def pread_into(fd: int, views: list, offset: int, total: int | None = None) -> None:
+    """Fill views (total bytes, if the caller knows) from fd at offset; bytes
+    past the end of the file read as zeros."""
     if len(views) <= 1024:
-        total = sum(map(len, views))
+        if total is None:
+            total = sum(map(len, views))
         n = os.preadv(fd, views, offset)
         if n == total:
             return
@@ -123,9 +147,10 @@ def _skip(views: list, n: int) -> list:
     return views
 
 
-def pwrite_from(fd: int, views: list, offset: int) -> None:
+def pwrite_from(fd: int, views: list, offset: int, total: int | None = None) -> None:
     if len(views) <= 1024:
-        total = sum(map(len, views))
+        if total is None:
+            total = sum(map(len, views))
         n = os.pwritev(fd, views, offset)
         if n == total:
             return
@@ -259,7 +284,9 @@ class Qcow2Image:
         self.rb_dirty: set[int] = set()
         self.end = -(-self.file_size // self.cs) * self.cs
         self.pool: deque[int] = deque()
-        self.pool_size = max(1, min(64, POOL_BYTES // self.cs))
+        self.pool_base = self.pool_size = max(1, min(64, POOL_BYTES // self.cs))
+        self.pool_max = max(self.pool_size, min(POOL_MAX_CLUSTERS, POOL_MAX_BYTES // self.cs))
+        self._dsync = RWF_DSYNC
         self.pending_free: list[int] = []
         self.free_hint = 0
         self._no_reuse = False
@@ -320,6 +347,20 @@ class Qcow2Image:
     def _barrier(self) -> None:
         if self.sync:
             os.fdatasync(self.fd)
+
+    def _write_durable(self, data, offset: int) -> None:
+        """pwrite that is durable on return when barriers are on: RWF_DSYNC
+        syncs just this range (see the module docstring); else fdatasync."""
+        if self.sync and self._dsync:
+            try:
+                if os.pwritev(self.fd, [data], offset, self._dsync) == len(data):
+                    return
+            except OSError as exc:
+                if exc.errno not in _NO_DSYNC:
+                    raise
+                self._dsync = 0      # not here: fdatasync from now on
+        os.pwrite(self.fd, data, offset)
+        self._barrier()
 
     # --- L2 --------------------------------------------------------------------------
 
@@ -387,9 +428,8 @@ class Qcow2Image:
         if not l2:
             l2 = self._alloc()
             self._meta_clash(l2, "new L2 table")
-            os.pwrite(self.fd, bytes(self.cs), l2)
+            self._write_durable(bytes(self.cs), l2)
             self.file_size = max(self.file_size, l2 + self.cs)
-            self._barrier()
             self.meta.add(l2)
             self.l1[i1] = l2 | fmt.OFLAG_COPIED
             os.pwrite(self.fd, _Q.pack(self.l1[i1]), self.h.l1_table_offset + 8 * i1)
@@ -523,19 +563,60 @@ class Qcow2Image:
         return self.pool.popleft()
 
     def _refill_pool(self) -> None:
-        got = self._find_free(self.pool_size) if not self._no_reuse else []
-        for c in got:
-            self._refcount_add(c, 1)
-        while len(got) < self.pool_size:
+        """Take pool_base free clusters, or (none left) pool_size clusters
+        from the end of the file; set their refcounts to 1, durably."""
+        got = self._find_free(self.pool_base) if not self._no_reuse else []
+        # Searched up to the end: the clusters claimed below (pool, refcount
+        # blocks) are all in use, so the next search starts past them.
+        searched_all = not self._no_reuse and self.free_hint >= self.end
+        at_end = searched_all or self._no_reuse
+        if self.lazy:
+            for c in got:
+                self._refcount_add(c, 1)
+        E = self.h.refblock_entries
+        while at_end and len(got) < self.pool_size:
             # Past the end of the file nothing references a cluster: a stale
             # refcount there (an earlier crash's pool) is overwritten, not added to.
+            # Claimed (up to the end of one refcount block's range) before
+            # that block may be placed, at the new end.
             c = self.end
-            self.end += self.cs          # claimed before a refcount block may be placed
-            got.append(c)
-            self._refcount_set(c, 1)
+            ti = (c >> self.cb) // E
+            m = min(self.pool_size - len(got), (ti + 1) * E - (c >> self.cb))
+            got.extend(range(c, c + m * self.cs, self.cs))
+            self.end += m * self.cs
+            if self.lazy:
+                for x in got[-m:]:
+                    self._refcount_set(x, 1)
+            else:
+                self._refblock_for(ti)
+        if searched_all:
+            self.free_hint = self.end
+        if at_end:
+            self.pool_size = min(self.pool_max, 2 * self.pool_size)
         if not self.lazy:
-            self._barrier()
+            self._refcounts_to_one(got)
         self.pool.extend(got)
+
+    def _refcounts_to_one(self, clusters: list[int]) -> None:
+        """Refcount 1 for clusters (free ones: 0 or past the end of the file),
+        written one span per refcount block, each durable on return."""
+        E = self.h.refblock_entries
+        blocks: dict[int, list[int]] = {}
+        last_ti = last = None
+        for c in clusters:
+            ti, bi = divmod(c >> self.cb, E)
+            if ti != last_ti:
+                last_ti, last = ti, blocks.setdefault(self._refblock_for(ti), [])
+            last.append(bi)
+        for off, idx in blocks.items():
+            b = self._rb_load(off)
+            lo, hi = min(idx), max(idx) + 1
+            if hi - lo == len(idx):           # a contiguous range: one slice
+                b[2 * lo:2 * hi] = b"\0\1" * (hi - lo)
+            else:
+                for bi in idx:
+                    fmt.refcount_set(b, bi, 4, 1)
+            self._write_durable(b[2 * lo:2 * hi], off + 2 * lo)
 
     def _find_free(self, n: int) -> list[int]:
         out = []
@@ -569,13 +650,13 @@ class Qcow2Image:
 
     def read_into(self, offset: int, views: list) -> None:
         """Fill views with the guest bytes at offset (past the virtual size: error)."""
-        length = sum(len(v) for v in views)
+        length = sum(map(len, views))
         if offset < 0 or offset + length > self.size:
             raise Qcow2Error(f"read of {length} bytes at {offset} is outside the disk")
         cs, cb, fd = self.cs, self.cb, self.fd
         host = self._contiguous(offset, length, False)
         if host:
-            pread_into(fd, list(views), host)
+            pread_into(fd, views, host, length)
             return
         cur = _Cursor(views)
         pos, end = offset, offset + length
@@ -615,6 +696,34 @@ class Qcow2Image:
     def _contiguous(self, offset: int, length: int, writing: bool) -> int:
         """The host offset of [offset, offset+length) if it is one run of plain
         data clusters (the common case: one I/O, the caller's buffers as they are)."""
+        cb = self.cb
+        gc = offset >> cb
+        k = ((offset + length - 1) >> cb) - gc + 1
+        bits = cb - 3
+        i1, idx = gc >> bits, gc & ((1 << bits) - 1)
+        if idx + k > 1 << bits or i1 >= len(self.l1):
+            return self._contiguous_slow(offset, length, writing)
+        # One L2 table: its entries read straight from the cached table.
+        l2 = self.l1[i1] & fmt.L1E_OFFSET_MASK
+        if not l2:
+            return 0
+        t = self.l2_cache.get(l2)
+        if t is None:
+            t = self._l2_load(l2)
+        e = _Q.unpack_from(t, idx << 3)[0]
+        host = e & fmt.L2E_OFFSET_MASK
+        if not host or e & _SLOW_BITS or host & ((1 << cb) - 1) or (writing and not e & fmt.OFLAG_COPIED):
+            return 0
+        meta = self.meta
+        if host in meta or host + ((k - 1) << cb) >= self.file_size:
+            return self._contiguous_slow(offset, length, writing)   # it raises the error
+        for i in range(1, k):
+            # same flags, next host cluster: the entry is e plus i clusters
+            if _Q.unpack_from(t, (idx + i) << 3)[0] != e + (i << cb) or host + (i << cb) in meta:
+                return self._contiguous_slow(offset, length, writing)
+        return host + (offset & ((1 << cb) - 1))
+
+    def _contiguous_slow(self, offset: int, length: int, writing: bool) -> int:
         cb, cs = self.cb, self.cs
         gc = offset >> cb
         last = (offset + length - 1) >> cb
@@ -679,16 +788,20 @@ class Qcow2Image:
         self.write_from(offset, [memoryview(data).cast("B")])
 
     def write_from(self, offset: int, views: list) -> None:
-        length = sum(len(v) for v in views)
+        length = sum(map(len, views))
         self._writable(offset, length)
         cs, cb, fd = self.cs, self.cb, self.fd
         host = self._contiguous(offset, length, True)
         if host:
-            pwrite_from(fd, list(views), host)
+            pwrite_from(fd, views, host, length)
             return
+        if not (offset | length) & (cs - 1) and self._unallocated(offset >> cb, length >> cb):
+            self._write_new_run(offset >> cb, length >> cb, _Cursor(views))
+            return            # whole clusters never written (a guest filling its disk)
         cur = _Cursor(views)
         pos, end = offset, offset + length
         run_host = run_len = 0
+        l2_span = 1 << (cb - 3)       # guest clusters per L2 table
         while pos < end:
             within = pos & (cs - 1)
             n = min(cs - within, end - pos)
@@ -707,6 +820,15 @@ class Qcow2Image:
             if run_len:
                 pwrite_from(fd, cur.take(run_len), run_host)
                 run_len = 0
+            if n == cs:
+                # Whole clusters (no old content to keep): as many as follow
+                # in this L2 table, newly allocated as one run.
+                k, lim = 1, min(((end - pos) >> cb), l2_span - (gc & (l2_span - 1)))
+                while k < lim and not self._plain(gc + k, True):
+                    k += 1
+                self._write_new_run(gc, k, cur)
+                pos += k << cb
+                continue
             kind, host, cn = self._lookup(gc)
             self._write_new_cluster(gc, kind, host, cn, within, cur.take(n))
             pos += n
@@ -733,6 +855,61 @@ class Qcow2Image:
         self.file_size = max(self.file_size, new + self.cs)
         self._set_l2(gc, new | fmt.OFLAG_COPIED)
         self._release(kind, host, cn)
+
+    def _unallocated(self, gc: int, k: int) -> bool:
+        """Guest clusters gc..gc+k-1 lie in one L2 table and none is mapped."""
+        bits = self.cb - 3
+        i1, idx = gc >> bits, gc & ((1 << bits) - 1)
+        if idx + k > 1 << bits or i1 >= len(self.l1):
+            return False
+        l2 = self.l1[i1] & fmt.L1E_OFFSET_MASK
+        if not l2:
+            return True
+        t = self.l2_cache.get(l2)
+        if t is None:
+            t = self._l2_load(l2)
+        return t.count(0, idx << 3, (idx + k) << 3) == k << 3
+
+    def _write_new_run(self, gc: int, k: int, cur: _Cursor) -> None:
+        """Whole guest clusters gc..gc+k-1 (one L2 table) onto new host
+        clusters: per contiguous run taken from the pool, the data in one
+        pwritev, then the run's L2 entries in one pwrite, then the old
+        clusters' refcounts drop (later)."""
+        cs, cb = self.cs, self.cb
+        l2 = self._ensure_l2(gc)     # the table first: data clusters stay contiguous
+        t = self._l2_load(l2)
+        first = (gc & ((1 << (cb - 3)) - 1)) << 3
+        # the old mappings (mostly none: a cluster written for the first time)
+        old = [self._lookup(gc + i) if e else None
+               for i, e in enumerate(struct.unpack_from(f">{k}Q", t, first))]
+        done = 0
+        while done < k:
+            new, m = self._alloc_run(k - done)
+            pwrite_from(self.fd, cur.take(m << cb), new)
+            self.file_size = max(self.file_size, new + (m << cb))
+            t = self._l2_load(l2)
+            idx = ((gc + done) & ((1 << (cb - 3)) - 1)) << 3
+            struct.pack_into(f">{m}Q", t, idx, *range(new | fmt.OFLAG_COPIED,
+                                                      (new + (m << cb)) | fmt.OFLAG_COPIED, cs))
+            os.pwrite(self.fd, t[idx:idx + 8 * m], l2 + idx)
+            for o in old[done:done + m]:
+                if o is not None:
+                    self._release(*o)
+            done += m
+
+    def _alloc_run(self, most: int) -> tuple[int, int]:
+        """Up to `most` contiguous clusters from the pool: (first, count)."""
+        first = self._data_host(self._alloc(), True)
+        n = 1
+        pool, cs = self.pool, self.cs
+        while n < most:
+            if not pool:
+                self._refill_pool()   # from the end of the file: usually contiguous
+            if pool[0] != first + n * cs:
+                break
+            self._data_host(pool.popleft(), True)
+            n += 1
+        return first, n
 
     def _release(self, kind: int, host: int, cn: int) -> None:
         """The old mapping of a cluster that was just remapped: drop its refs."""
