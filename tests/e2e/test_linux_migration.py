@@ -45,6 +45,12 @@ LOSS_PER_MIGRATION = 3
 LONG_READOUT = re.compile(r"Long readout interval, skipping watchdog check: "
                           r"cs_nsec: (-?\d+) wd_nsec: (-?\d+)")
 WATCHDOG_THRESHOLD_NS = 62_500_000
+# And the watchdog's "wd-wd read-back delay of N ns" / "wd-tsc-wd read-back
+# delay ..., clock-skew test skipped!": reading kvm-clock back to back took
+# longer than the kernel allows (the vCPU preempted between the reads, which
+# under the lab's TCG happens: 368 us seen in a lab run), so it skipped that
+# comparison; it says nothing against the TSC, and nothing is marked unstable.
+READ_BACK_DELAY = re.compile(r"read-back delay of \d+ns")
 
 
 def counts(text: str) -> list[int]:
@@ -74,8 +80,9 @@ def check_after_migration(before: dict, after: dict) -> None:
     new = [line for line in after["clock_log"] if line not in before["clock_log"]]
     if new:
         print("new clock lines:", new)
-    bad = [line for line in new if not (m := LONG_READOUT.search(line))
-           or abs(int(m.group(1)) - int(m.group(2))) > WATCHDOG_THRESHOLD_NS]
+    bad = [line for line in new if not READ_BACK_DELAY.search(line)
+           and (not (m := LONG_READOUT.search(line))
+                or abs(int(m.group(1)) - int(m.group(2))) > WATCHDOG_THRESHOLD_NS)]
     assert not bad, f"the kernel logged about its clock after the migration: {bad}"
     assert not [line for line in after["clock_log"] if "unstable" in line.lower()], after["clock_log"]
 
