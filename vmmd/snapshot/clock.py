@@ -15,7 +15,8 @@ not at all (``freeze``) -- then KVM_GET_CLOCK again and
 written to every vCPU (the same delta for all, so TSCs stay synchronised).
 Where KVM does not report the host TSC, it is derived as IA32_TSC - offset
 of a vCPU (both read back to back). Without the offset attribute, IA32_TSC
-itself is written (the same value on every vCPU, so KVM synchronises them).
+itself is written (the same value on every vCPU, so KVM synchronises them;
+see write_guest_tsc for the one trap in that).
 
 The attribute is used only where the host's TSC is stable (the host kernel
 still lists it as a clocksource). On a host whose TSC is
@@ -138,6 +139,32 @@ def offset_delta(state: dict, guest_dest_ns: int, host_tsc_dest: int) -> int:
     return (elapsed_cycles + (state["host_tsc"] - host_tsc_dest)) & ((1 << 64) - 1)
 
 
+# Far from any TSC a guest could have: a write this far off never looks like a sync.
+UNSYNC_STEP = 1 << 62
+
+
+def write_guest_tsc(vcpus, value: int) -> None:
+    """Set IA32_TSC on every vCPU to ``value``, exactly.
+
+    KVM before 6.7 ("Here lies UAPI baggage", kvm_synchronize_tsc) takes a
+    host write within one second of the TSC it expects from the last write,
+    here the vCPU creations' write of 0, as a sync: it keeps the old offset
+    (or, on an unstable host TSC, adds the time since). A guest saved less
+    than a second after its own creation therefore came back with the TSC of
+    the new VM's age, not its own: read back up to ~27M cycles low in the lab.
+    One far write first starts a new sync generation; the real value then
+    lands exactly on vCPU 0, and the other vCPUs, written with the same value
+    just after, are matched to it, which is what the heuristic is for."""
+    start_tsc_generation(vcpus[0], value)
+    for v in vcpus:
+        v.set_msrs({MSR_IA32_TSC: value & ((1 << 64) - 1)})
+
+
+def start_tsc_generation(vcpu, value: int) -> None:
+    """Make the next IA32_TSC write of ``value`` exact (see write_guest_tsc)."""
+    vcpu.set_msrs({MSR_IA32_TSC: (value + UNSYNC_STEP) & ((1 << 64) - 1)})
+
+
 def restore_clock(vm, vcpus, state: dict, mode: str) -> TimePlan:
     """Set kvmclock and the vCPUs' TSCs (vCPU registers already restored)."""
     if mode not in CLOCK_MODES:
@@ -166,9 +193,7 @@ def restore_clock(vm, vcpus, state: dict, mode: str) -> TimePlan:
             v.set_attr_u64(abi.KVM_VCPU_TSC_CTRL, abi.KVM_VCPU_TSC_OFFSET, (ofs + delta) & ((1 << 64) - 1))
         method = "tsc-offset-attr"
     else:
-        value = guest_tsc_after(state, elapsed)
-        for v in vcpus:
-            v.set_msrs({MSR_IA32_TSC: value})
+        write_guest_tsc(vcpus, guest_tsc_after(state, elapsed))
         method = "ia32-tsc"
     plan = TimePlan(mode, elapsed, method, how, tsc_applied(vcpus[0], state, guest_dest))
     log.info("guest time: %s, %.3f s elapsed, TSC by %s, kvmclock by %s", mode, elapsed / 1e9, method, how)

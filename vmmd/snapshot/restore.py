@@ -206,6 +206,8 @@ def _restore_vm(machine, snap, clock_mode: str) -> None:
     vm_state = snap.payload("vm", "vm")
     use_attr = clock.restores_by_offset_attr(machine.vm, machine.vcpus, vm_state["clock"])
     tsc = None if use_attr else clock.guest_tsc_after(vm_state["clock"], clock.elapsed_ns(vm_state["clock"], clock_mode))
+    if tsc is not None:
+        clock.start_tsc_generation(machine.vcpus[0], tsc)  # else KVM may "sync" it to the VM's age
     for v in machine.vcpus:
         machine_state.restore_vcpu(v, snap.payload("vcpu", str(v.index)), tsc)
     machine_state.restore_irqchips(machine.vm, vm_state)
