@@ -66,6 +66,17 @@ class Stalled(RuntimeError):
     """No completion within STALL_LIMIT: the run is abandoned, with the load."""
 
 
+def stall_probe(disk: VirtioBlk) -> str:
+    """Which side lost the wake-up: completions already in the used ring (an
+    interrupt lost), or the device moving on after a forced kick (a kick lost)."""
+    if disk.drv.poll_used(0):
+        return "completions were in the used ring: the interrupt was lost"
+    disk.drv.kick(0, force=True)
+    if disk.drv.wait_used(0, 5.0):
+        return "a forced kick got completions: the kick was lost"
+    return "a forced kick got nothing in 5 s: the device is stuck"
+
+
 def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, seconds: float,
                 start_block: int = 0, stop_at_end: bool = False, max_requests: int | None = None,
                 stall_limit: float = STALL_LIMIT, device_pid: int | None = None) -> dict:
@@ -123,7 +134,8 @@ def run_harness(disk: VirtioBlk, rw: str, bs: int, qd: int, sequential: bool, se
             load = os.getloadavg()
             if waited >= stall_limit:
                 raise Stalled(f"{rw} {bs} B QD{qd}: no completion within {waited:.0f} s "
-                              f"({inflight} in flight, load {load[0]:.1f} on {os.cpu_count()} CPUs)")
+                              f"({inflight} in flight, load {load[0]:.1f} on {os.cpu_count()} CPUs; "
+                              f"{disk.drv.queue_state(0)}; {stall_probe(disk)})")
             print(f"bench: {rw} {bs} B QD{qd}: no completion for {waited:.0f} s "
                   f"(load {load[0]:.1f}), still waiting", file=sys.stderr, flush=True)
             reqs = disk.wait_any(0, timeout=min(STALL_WARN, stall_limit - waited))

@@ -604,6 +604,15 @@ class VirtioPciDriver:
                                          f"(status {self.status:#x})")
             self.wait_used(q, left)
 
+    def queue_state(self, q: int) -> str:
+        """Both sides' ring indices and notification fields, for a stall report."""
+        dq = self.queues[q]
+        vec = self.queue_vectors[q]
+        msis = self.msi_count(vec) if vec != NO_VECTOR and self.msi_data_base else None
+        return (f"queue {q}: avail idx {dq.avail_idx} (kicked at {dq.kicked_avail}), used idx "
+                f"{dq.used_idx()} (reaped to {dq.last_used_idx}), used flags {dq.used_flags():#x}, "
+                f"{dq.notification_fields()}, MSIs {msis}, status {self.status:#x}")
+
     def outstanding(self, q: int) -> int:
         return len(self._tokens[q])
 

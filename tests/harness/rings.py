@@ -212,6 +212,11 @@ class DriverQueue:
             return vring_need_event(avail_event, new, old)
         return not _U16.unpack_from(self._used, 0)[0] & VIRTQ_USED_F_NO_NOTIFY
 
+    def notification_fields(self) -> str:
+        return (f"avail_event {_U16.unpack_from(self._used, 4 + 8 * self.size)[0]}, used_event "
+                f"{_U16.unpack_from(self._avail, 4 + 2 * self.size)[0]}, avail flags "
+                f"{_U16.unpack_from(self._avail, 0)[0]:#x}")
+
     def enable_interrupts(self) -> None:
         """Ask for an interrupt at the next used entry."""
         if self.event_idx:
