@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 import threading
 
+from devices.virtio.queue import memory_barrier
+
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
@@ -207,6 +209,7 @@ class DriverQueue:
         self.kicked_avail = new
         if new == old:
             return False
+        memory_barrier()   # the avail idx store before the avail_event load (virtio_mb)
         if self.event_idx:
             avail_event = _U16.unpack_from(self._used, 4 + 8 * self.size)[0]
             return vring_need_event(avail_event, new, old)
@@ -223,6 +226,7 @@ class DriverQueue:
             _U16.pack_into(self._avail, 4 + 2 * self.size, self.last_used_idx)
         else:
             _U16.pack_into(self._avail, 0, 0)
+        memory_barrier()   # before the caller reads the used idx again
 
     def disable_interrupts(self) -> None:
         if not self.event_idx:
