@@ -19,8 +19,9 @@ reported separately. Then the same snapshot into a waiting vmmd (`vmmd
 client sending snapshot.restore to the same log line ("... after the
 snapshot.restore call"), vmmd's own figure from the call's arrival, and the
 client's wall time to the reply. Baseline in the same run: `cp --sparse=always` of the
-snapshot's ram.img to the snapshot's file system and to /dev/shm (tmpfs, as
-the memfd), i.e. copying the same bytes.
+snapshot's ram.img to the snapshot's file system (once as is, once with an
+fsync of the copy: the same durability create gives) and to /dev/shm
+(tmpfs, as the memfd), i.e. copying the same bytes.
 
 Restore-to-running is "first guest instruction with all state loaded and
 verified": the log line comes after every check (manifest and section
@@ -74,9 +75,16 @@ def _apparent(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
 
-def _cp(src: str, dst: str) -> float:
+def _cp(src: str, dst: str, durable: bool = False) -> float:
+    """ms to copy src to dst; durable: and to fsync the copy (what create's commit does)."""
     t = time.monotonic()
     subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+    if durable:
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     dt = time.monotonic() - t
     os.unlink(dst)
     return dt * 1000
@@ -105,6 +113,7 @@ def one(kind: str, guest: str, work: str, ready: str) -> dict:
            "size_on_disk": _allocated(snap), "apparent_size": _apparent(snap)}
     ram = os.path.join(snap, "ram.img")
     out["cp_same_fs_ms"] = _cp(ram, os.path.join(work, "ram.copy"))
+    out["cp_fsync_same_fs_ms"] = _cp(ram, os.path.join(work, "ram.copy"), durable=True)
     shm = tempfile.mkdtemp(dir="/dev/shm")
     try:
         out["cp_to_shm_ms"] = _cp(ram, os.path.join(shm, "ram.copy"))
@@ -213,7 +222,7 @@ def main() -> int:
     print(f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} before, "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after; {bytecode}; {args.runs} runs, medians (min-max)")
     keys = ["create_client_ms", "create_vmmd_ms", "paused_ms", "create_capture_ms", "create_ram_ms",
-            "create_commit_ms", "cp_same_fs_ms", "cp_to_shm_ms",
+            "create_commit_ms", "cp_same_fs_ms", "cp_fsync_same_fs_ms", "cp_to_shm_ms",
             "restore_from_spawn_ms", "restore_from_main_ms", "restore_checks_ms", "restore_ram_ms",
             "restore_vmmd_setup_ms", "restore_spawn_devices_ms", "restore_device_states_ms", "restore_kvm_ms",
             "wait_ready_ms", "wait_call_to_vcpus_ms", "wait_vmmd_ms", "wait_reply_ms", "wait_checks_ms",
