@@ -2,13 +2,14 @@
 
     snapshot.create {"path": DIR, "resume": true, "diff_from": DIR?, "disks": "shared"|"overlay"}
         -> {"path", "id", "type": "full"|"diff", "ram_bytes_written", "paused_ms", "total_ms",
-            "phases_ms": {"capture", "ram", "commit"}, "state",
+            "phases_ms": {"capture", "ram", "commit", "digest"}, "state",
             "disks"?: {"S.F": {"mode", "frozen", "now"}}}
         disks=overlay: each writable qcow2 disk switches to a new overlay at the
         snapshot point; the snapshot records the frozen image (vmmd/snapshot/disks.py).
         A writable raw disk is refused before anything is paused.
-        The VM resumes once RAM is written (to the page cache); the files are
-        then fsynced and the manifest digest written: the reply comes after that.
+        The VM resumes once RAM is copied (to the page cache); the RAM digest is
+        then read back from the file while it is fsynced, the other files are
+        fsynced and the manifest digest written: the reply comes after that.
 
 While it runs, vm.info's "snapshot" holds {"phase", "bytes_done", "bytes_total", "path"}.
 """
@@ -41,7 +42,8 @@ CREATE_RESULT = {
         "type": {"type": "string", "enum": ["full", "diff"]},
         "ram_bytes_written": {"type": "integer", "minimum": 0},
         "paused_ms": {"type": "number"}, "total_ms": {"type": "number"},
-        "phases_ms": {"type": "object", "description": "capture (devices, vCPUs, VM; includes disks), ram, commit (fsync); "
+        "phases_ms": {"type": "object", "description": "capture (devices, vCPUs, VM; includes disks), ram (the copy, paused), "
+                                                       "commit (after the resume: RAM digest, fsyncs, manifest), digest (its RAM digest part); "
                                                        "disks (disks=overlay: the switch to overlays)"},
         "state": {"type": "string"},
         "disks": {"type": "object", "description": "disks=overlay: per PCI slot.function, "

@@ -8,17 +8,19 @@ pages are non-zero, then their bytes in page order), so it does not depend
 on how a file system happens to lay out the image's extents, and it never
 has to read holes.
 
-Thin I/O: save_ram() writes the memfd's non-zero pages into a sparse file at
+Thin I/O: copy_ram() writes the memfd's non-zero pages into a sparse file at
 the same offsets (SEEK_DATA/SEEK_HOLE skip never-touched and ballooned
-pages without reading them); load_ram() copies a sparse file's data extents
-back into guest memory (in the kernel where it can). Both compute the digest
-on the way, on another thread than the copy, with no per-page Python work.
+pages without reading them) and digest_runs() hashes what it wrote, from the
+file, so a snapshot pauses the guest only for the copy; load_ram() copies a
+sparse file's data extents back into guest memory (in the kernel where it
+can) and computes the digest on the way, on another thread than the copy.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -171,20 +173,25 @@ SCAN = 4 << 20     # scan for zero pages and hash in pieces that stay in the CPU
 BATCH = 32 << 20   # hand writes and copies to the other thread in batches this big
 
 
-def _scan_and_hash(digest: RamDigest, view, start: int, length: int, include=None, runs=None) -> int:
-    """Feed the non-zero pages of view[start:start+length] (memfd offsets) to
-    `digest`, SCAN bytes at a time (the zero-page scan and SHA-256 read each
-    piece while it is in cache; SHA-256 releases the GIL). Only pages set in
-    `include` (bytes, one per page) when given; each run's (offset, length)
-    is appended to `runs`. Returns the bytes hashed."""
-    hashed = 0
+def _scan(view, start: int, length: int, include=None, runs=None) -> int:
+    """Append to `runs` the (offset, length) of each run of non-zero pages of
+    view[start:start+length] (memfd offsets), SCAN bytes at a time; only pages
+    set in `include` (bytes, one per page) when given. Returns their bytes."""
+    found = 0
     for sstart in range(start, start + length, SCAN):
         for off, n in nonzero_runs(view, sstart, min(sstart + SCAN, start + length), include):
+            runs.append((off, n))
+            found += n
+    return found
+
+
+def _scan_and_hash(digest: RamDigest, view, start: int, length: int) -> None:
+    """Feed the non-zero pages of view[start:start+length] to `digest`, SCAN
+    bytes at a time (the zero-page scan and SHA-256 read each piece while it
+    is in cache; SHA-256 releases the GIL)."""
+    for sstart in range(start, start + length, SCAN):
+        for off, n in nonzero_runs(view, sstart, min(sstart + SCAN, start + length)):
             digest.add_run(off // PAGE, view[off:off + n])
-            if runs is not None:
-                runs.append((off, n))
-            hashed += n
-    return hashed
 
 
 class _Writeback:
@@ -212,23 +219,32 @@ class _Writeback:
 
 def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
              include=None, progress=None) -> tuple[str, int]:
+    """copy_ram then digest_runs: (digest, bytes written)."""
+    runs, written = copy_ram(view, mem_fd, size, out_fd, include, progress)
+    return digest_runs(out_fd, size, runs), written
+
+
+def copy_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
+             include=None, progress=None) -> tuple[list, int]:
     """Write the non-zero pages of guest RAM (`view` over memfd `mem_fd`) to
     `out_fd` at their memfd offsets; only pages set in `include` when given
-    (a diff). Returns (digest, bytes written). The file is truncated to `size`.
+    (a diff). Returns (the runs written, bytes written); the file is
+    truncated to `size`. This is the part a snapshot pauses the guest for:
+    the digest (digest_runs) reads the file afterwards, while the guest runs.
 
-    This thread scans and hashes (no copy: views of guest memory) while a
+    This thread scans for zero pages (no copy: views of guest memory) while a
     writer thread pwrites the runs found, in batches, and a third starts each
     written batch's writeback to disk (it can wait for the disk's queue: the
-    writer does not); SHA-256, pwrite and sync_file_range release the GIL.
+    writer does not); pwrite and sync_file_range release the GIL.
     Writeback not started by the end is left to the caller's fsync."""
     os.ftruncate(out_fd, 0)
     os.ftruncate(out_fd, size)
-    digest = RamDigest(size)
     written = 0
     wb = _Writeback(out_fd)
     if include is not None:  # numpy bool per page -> one byte per page, cheap to index
         include = include.astype(bool).tobytes()
     flushes = []
+    all_runs: list = []
 
     def write_batch(runs) -> None:
         for off, n in runs:
@@ -246,16 +262,18 @@ def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
             for start, length in data_extents(mem_fd, size):
                 for cstart in range(start, start + length, BATCH):
                     clen = min(BATCH, start + length - cstart)
-                    n = _scan_and_hash(digest, view, cstart, clen, include, runs)
+                    n = _scan(view, cstart, clen, include, runs)
                     written += n
                     batch += n
                     if batch >= BATCH:
+                        all_runs += runs
                         pending.append(writer.submit(write_batch, runs))
                         runs, batch = [], 0
                         while len(pending) > 2:   # keep the writer at most two batches behind
                             pending.pop(0).result()
                     if progress:
                         progress(cstart + clen)
+            all_runs += runs
             pending.append(writer.submit(write_batch, runs))
             for f in pending:
                 f.result()
@@ -265,7 +283,27 @@ def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
             writer.shutdown(wait=True)  # no write may land after we return
             for f in flushes:
                 f.cancel()  # the fsync does those; wait only for the one in progress
-    return digest.hexdigest(), written
+    return all_runs, written
+
+
+def digest_runs(fd: int, size: int, runs) -> str:
+    """The RAM digest of a RAM image file of `size` bytes whose non-zero pages
+    are exactly `runs` ((offset, length), in increasing order: copy_ram's):
+    read through a read-only mapping of the file (its page cache), SCAN bytes
+    per update (SHA-256 releases the GIL)."""
+    digest = RamDigest(size)
+    if not runs:
+        return digest.hexdigest()
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        view = memoryview(m)
+        try:
+            for off, n in runs:
+                for piece in range(off, off + n, SCAN):
+                    k = min(SCAN, off + n - piece)
+                    digest.add_run(piece // PAGE, view[piece:piece + k])
+        finally:
+            view.release()
+    return digest.hexdigest()
 
 
 def _pwrite_all(fd: int, data, off: int) -> None:
