@@ -96,6 +96,30 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def _free_path(parent: str, name: str) -> str:
+    """parent/name for a new device cgroup. A directory left by an earlier
+    incarnation of that name (a failed restore's, whose rmdir came too early)
+    is removed if it is empty; one still in use keeps its name and the new
+    one gets name~N, so a leftover never stops a device from starting."""
+    path = os.path.join(parent, name)
+    if not os.path.lexists(path):
+        return path
+    try:
+        os.rmdir(path)
+        log.info("cgroup %s: removed an earlier incarnation's leftover", path)
+        return path
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return path
+        for n in range(2, 1000):
+            alt = f"{path}~{n}"
+            if not os.path.lexists(alt):
+                log.warning("cgroup %s is still in use (%s): this incarnation's is %s",
+                            path, exc.strerror, alt)
+                return alt
+        raise
+
+
 class DeviceCgroup:
     """One incarnation's cgroup(s): one directory per hierarchy."""
 
@@ -121,7 +145,7 @@ class DeviceCgroup:
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"bad cgroup name {name!r}")
         for i, d in enumerate(self.dirs):
-            new = os.path.join(os.path.dirname(d), name)
+            new = _free_path(os.path.dirname(d), name)
             os.rename(d, new)
             self.dirs[i] = new
 
@@ -230,12 +254,12 @@ class CgroupManager:
         made: list[str] = []
         try:
             if self.version == "v2":
-                d = os.path.join(self._bases[""], name)
+                d = _free_path(self._bases[""], name)
                 os.mkdir(d, 0o755)
                 made.append(d)
             else:
                 for c in ("memory", "pids"):
-                    d = os.path.join(self._bases[c], name)
+                    d = _free_path(self._bases[c], name)
                     os.mkdir(d, 0o755)
                     made.append(d)
             cg = DeviceCgroup(made, {})

@@ -113,3 +113,20 @@ def test_bootstrap_carries_cgroup_fds_and_host_ids():
                 {"host_ids": [5, 1 << 40]}, {"host_ids": ["5", 5]}):
         with pytest.raises(BootstrapError):
             parse_bootstrap(_boot(**bad), "virtio_blk")
+
+
+def test_a_leftover_cgroup_of_the_same_name_never_stops_a_device(tmp_path):
+    # A failed restore's device cgroup "lpc.1" can outlive its rmdir; the next
+    # attempt's lpc is again generation 1 (seen in CI: rename -> EEXIST).
+    from sandbox.cgroups import DeviceCgroup
+    base = tmp_path / "pids" / "vmmd-1"
+    (base / "lpc.1").mkdir(parents=True)          # empty leftover: removed, name reused
+    (base / "spare-1").mkdir()
+    cg = DeviceCgroup([str(base / "spare-1")], {})
+    cg.rename("lpc.1")
+    assert cg.dirs == [str(base / "lpc.1")] and not (base / "spare-1").exists()
+    (base / "spare-2").mkdir()
+    (base / "lpc.1" / "cgroup.procs").write_text("123\n")   # still in use: a new name beside it
+    cg2 = DeviceCgroup([str(base / "spare-2")], {})
+    cg2.rename("lpc.1")
+    assert cg2.dirs == [str(base / "lpc.1~2")]
