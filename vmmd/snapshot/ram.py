@@ -194,29 +194,6 @@ def _scan_and_hash(digest: RamDigest, view, start: int, length: int) -> None:
             digest.add_run(off // PAGE, view[off:off + n])
 
 
-class _Writeback:
-    """Start the kernel writing a file's dirty pages back as they are written
-    (sync_file_range SYNC_FILE_RANGE_WRITE: asynchronous), so the commit's
-    fsync finds most of them on disk already. A no-op where unavailable."""
-
-    _fn = None
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        if _Writeback._fn is None:
-            import ctypes
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                _Writeback._fn = fn
-            except (OSError, AttributeError):
-                _Writeback._fn = False
-
-    def start(self, off: int, length: int) -> None:
-        if _Writeback._fn:
-            _Writeback._fn(self.fd, off, length, 2)  # SYNC_FILE_RANGE_WRITE; failure only costs speed
-
-
 def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
              include=None, progress=None) -> tuple[str, int]:
     """copy_ram then digest_runs: (digest, bytes written)."""
@@ -233,28 +210,22 @@ def copy_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
     the digest (digest_runs) reads the file afterwards, while the guest runs.
 
     This thread scans for zero pages (no copy: views of guest memory) while a
-    writer thread pwrites the runs found, in batches, and a third starts each
-    written batch's writeback to disk (it can wait for the disk's queue: the
-    writer does not); pwrite and sync_file_range release the GIL.
-    Writeback not started by the end is left to the caller's fsync."""
+    writer thread pwrites the runs found, in batches (pwrite releases the
+    GIL). Nothing here starts writeback: sync_file_range during the copy made
+    it 2.5-4.5x slower (its CPU work lands in the pause) and saved only a
+    third of the fsync after it; the caller's fsync, after the resume, does it."""
     os.ftruncate(out_fd, 0)
     os.ftruncate(out_fd, size)
     written = 0
-    wb = _Writeback(out_fd)
     if include is not None:  # numpy bool per page -> one byte per page, cheap to index
         include = include.astype(bool).tobytes()
-    flushes = []
     all_runs: list = []
 
     def write_batch(runs) -> None:
         for off, n in runs:
             _pwrite_all(out_fd, view[off:off + n], off)
-        if runs:
-            first, (last, n) = runs[0][0], runs[-1]
-            flushes.append(flusher.submit(wb.start, first, last + n - first))
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-flush") as flusher, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-write") as writer:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-write") as writer:
         try:
             pending = []
             runs: list = []
@@ -281,8 +252,6 @@ def copy_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
             for f in pending:
                 f.cancel()
             writer.shutdown(wait=True)  # no write may land after we return
-            for f in flushes:
-                f.cancel()  # the fsync does those; wait only for the one in progress
     return all_runs, written
 
 
