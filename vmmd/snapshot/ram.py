@@ -210,8 +210,9 @@ def copy_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
     the digest (digest_runs) reads the file afterwards, while the guest runs.
 
     This thread scans for zero pages (no copy: views of guest memory) while a
-    writer thread pwrites the runs found, in batches (pwrite releases the
-    GIL). Nothing here starts writeback: sync_file_range during the copy made
+    writer thread copies the runs found, in batches, memfd to file in the
+    kernel (sendfile; pwrite from the mapping where the kernel refuses; both
+    release the GIL). Nothing here starts writeback: sync_file_range during the copy made
     it 2.5-4.5x slower (its CPU work lands in the pause) and saved only a
     third of the fsync after it; the caller's fsync, after the resume, does it."""
     os.ftruncate(out_fd, 0)
@@ -221,8 +222,18 @@ def copy_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
         include = include.astype(bool).tobytes()
     all_runs: list = []
 
+    in_kernel = [True]
+
     def write_batch(runs) -> None:
         for off, n in runs:
+            if in_kernel[0]:
+                try:
+                    _sendfile_all(mem_fd, out_fd, off, n)
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    in_kernel[0] = False
             _pwrite_all(out_fd, view[off:off + n], off)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-write") as writer:
@@ -273,6 +284,19 @@ def digest_runs(fd: int, size: int, runs) -> str:
         finally:
             view.release()
     return digest.hexdigest()
+
+
+def _sendfile_all(in_fd: int, out_fd: int, off: int, length: int) -> None:
+    """in_fd[off:off+length] to out_fd at the same offset, in the kernel: the
+    memfd's pages go straight from its page cache (pwrite from vmmd's mapping
+    of guest memory ran at 450 MB/s there, sendfile at ~1.7 GB/s)."""
+    os.lseek(out_fd, off, os.SEEK_SET)
+    end = off + length
+    while off < end:
+        n = os.sendfile(out_fd, in_fd, off, end - off)
+        if n <= 0:
+            raise RamError("guest memory ended early")
+        off += n
 
 
 def _pwrite_all(fd: int, data, off: int) -> None:
