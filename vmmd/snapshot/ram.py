@@ -231,13 +231,9 @@ def copy_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
         nonlocal in_kernel
         for off, n in runs:
             if in_kernel:
-                try:
-                    _sendfile_all(mem_fd, out_fd, off, n, "guest memory")
+                in_kernel = _sendfile_copied(mem_fd, out_fd, off, n, "guest memory")
+                if in_kernel:
                     continue
-                except OSError as exc:
-                    if exc.errno not in _NO_SENDFILE:
-                        raise
-                    in_kernel = False
             _pwrite_all(out_fd, view[off:off + n], off)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-write") as writer:
@@ -306,6 +302,18 @@ def _sendfile_all(in_fd: int, out_fd: int, off: int, length: int, what: str) -> 
         off += n
 
 
+def _sendfile_copied(in_fd: int, out_fd: int, off: int, length: int, what: str) -> bool:
+    """_sendfile_all, or False where the kernel cannot (the caller copies
+    through its mapping instead; a partial copy is simply redone)."""
+    try:
+        _sendfile_all(in_fd, out_fd, off, length, what)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_SENDFILE:
+            raise
+        return False
+
+
 def _pwrite_all(fd: int, data, off: int) -> None:
     while len(data):
         n = os.pwrite(fd, data, off)
@@ -317,13 +325,8 @@ def _copy_extent(in_fd: int, view, dst_fd: int | None, off: int, length: int) ->
     the kernel (sendfile into the memfd: no page faults in this process) when
     `dst_fd` is given and the kernel allows it, else read into the mapping."""
     end = off + length
-    if dst_fd is not None:
-        try:
-            _sendfile_all(in_fd, dst_fd, off, length, "RAM image")
-            return
-        except OSError as exc:
-            if exc.errno not in _NO_SENDFILE:
-                raise
+    if dst_fd is not None and _sendfile_copied(in_fd, dst_fd, off, length, "RAM image"):
+        return
     while off < end:
         n = os.preadv(in_fd, [view[off:end]], off)
         if n <= 0:
