@@ -227,7 +227,7 @@ def _snapshot_with_progress(args: argparse.Namespace, path: str, method: str, pa
 def _show_snapshot(r: dict) -> str:
     lines = [f"snapshot {r.get('type')} {r.get('id')} written to {r.get('path')}: "
              f"{_bytes(r.get('ram_bytes_written', 0))} of RAM, VM paused {r.get('paused_ms')} ms, "
-             f"now {r.get('state')}"]
+             f"now {r.get('state')}" + ("" if r.get("synced", True) else " (not fsynced)")]
     for inst, d in sorted((r.get("disks") or {}).items()):
         if d.get("mode") == "overlay":
             lines.append(f"disk {inst}: {d.get('frozen')} frozen for the snapshot, writes go to {d.get('now')}")
@@ -358,8 +358,12 @@ COMMANDS: list[Command] = [
                    (("--diff-from",), {"metavar": "DIR", "help": "only pages dirtied since this snapshot"}),
                    (("--disks",), {"choices": ("shared", "overlay"),
                                    "help": "overlay: each qcow2 disk switches to a new overlay, the "
-                                           "snapshot keeps the image as it was (default shared)"})),
+                                           "snapshot keeps the image as it was (default shared)"}),
+                   (("--no-sync",), {"action": "store_true",
+                                     "help": "reply once the snapshot is in the page cache, without fsync "
+                                             "(a crash may tear it; restore then refuses it)"})),
             params=lambda a: {"path": os.path.abspath(a.dir), "resume": not a.stop,
+                              **({"sync": False} if a.no_sync else {}),
                               **({"diff_from": os.path.abspath(a.diff_from)} if a.diff_from else {}),
                               **({"disks": a.disks} if a.disks else {})},
             run=_snapshot_with_progress, show=_show_snapshot),

@@ -439,7 +439,7 @@ class Machine:
             self.state = "running"
 
     async def snapshot(self, path: str, resume: bool = True, diff_from: str | None = None,
-                       disks: str = "shared") -> dict:
+                       disks: str = "shared", sync: bool = True) -> dict:
         """JSON-RPC snapshot.create (vmmd/snapshot/create.py)."""
         from vmmd.snapshot import create as snapcreate
         from vmmd.snapshot.format import SnapshotError
@@ -448,7 +448,7 @@ class Machine:
             if self.state not in ("running", "paused"):
                 raise VmStateError(f"cannot snapshot a VM that is {self.state}")
             try:
-                return await snapcreate.create(self, path, resume, diff_from, disks)
+                return await snapcreate.create(self, path, resume, diff_from, disks, sync)
             except (SnapshotError, OSError) as exc:
                 raise VmStateError(f"snapshot failed: {exc}") from None
             except Exception as exc:  # a device gone mid-way, ...: the VM is resumed, the directory removed

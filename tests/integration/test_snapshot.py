@@ -95,10 +95,19 @@ def test_incrementer_snapshot_kill_restore_continues(tmp_path, test_guests):
         assert info["restore_time"]["mode"] == "advance"
         assert info["restore_time"]["clock"] in ("kvm-realtime", "vmmd-realtime")
         vm2.wait_for("BB", 60)  # the restored guest goes on with its passes
-        vm2.rpc("snapshot.create", {"path": str(tmp_path / "s2")})
+        # without fsync (Firecracker's sync_snapshot_files=false): complete, only not yet on disk
+        r = vmmctl(vm2.api, "snapshot", "--no-sync", str(tmp_path / "s2"))
+        assert r.returncode == 0, r.stderr
+        assert "(not fsynced)" in r.stdout
     finally:
         kill(vm2)
     check_ram(tmp_path / "s2" / "ram.img")  # the invariant still holds after it ran on
+    vm3 = restore(tmp_path / "c", tmp_path / "s2")
+    try:
+        vm3.wait_api()
+        vm3.wait_for("BB", 60)
+    finally:
+        kill(vm3)
 
 
 def test_incrementer_diff_chain_restore_and_merge(tmp_path, test_guests):

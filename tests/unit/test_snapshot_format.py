@@ -314,3 +314,38 @@ def test_restore_command_line():
                 ["--restore", "/s", "--disk", "x=/a"], ["--restore", "/s", "-m", "1G"]):
         with pytest.raises(ConfigError):
             restore.parse_restore_args(bad)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_writer_commit_point_with_and_without_fsync(tmp_path, monkeypatch, sync):
+    """The manifest digest (the commit point) is written last either way; with
+    sync every file and the directory are fsynced before it, without none is."""
+    from vmmd.snapshot import store
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    w = store.SnapshotWriter(str(tmp_path / "snap"))
+    w.add_json("vm", "vm", {"ncpus": 1})
+    os.close(w.open("ram.img"))
+    os.truncate(os.path.join(w.path, "ram.img"), ramio.PAGE)
+    w.add_ram(ramio.PAGE, "00" * 32)
+    manifest = {"format": fmt.FORMAT_NAME, "format_version": 1, "vmmd_version": "0", "id": "ab" * 16,
+                "type": "full", "parent": None, "created": "2026-11-30T00:00:00+00:00", "config": {},
+                "memory": {"size": ramio.PAGE, "page_size": ramio.PAGE, "layout": []}}
+    w.commit(manifest, sync=sync)
+    names = sorted(os.listdir(w.path))
+    assert fmt.MANIFEST in names and fmt.MANIFEST_DIGEST in names
+    m, sections = store.read_manifest(w.path)
+    assert m["id"] == "ab" * 16 and sorted(s.kind for s in sections) == ["ram", "vm"]
+    if not sync:
+        assert synced == []
+        return
+    # every file before the commit point, then the directory; the commit point last
+    files_first = [os.path.join(w.path, n) for n in names if n != fmt.MANIFEST_DIGEST]
+    assert sorted(synced[:len(files_first)]) == sorted(files_first)
+    assert synced[len(files_first):] == [w.path, os.path.join(w.path, fmt.MANIFEST_DIGEST), w.path]

@@ -1,7 +1,8 @@
 """JSON-RPC snapshot.create (vmmd/snapshot/create.py does the work).
 
-    snapshot.create {"path": DIR, "resume": true, "diff_from": DIR?, "disks": "shared"|"overlay"}
-        -> {"path", "id", "type": "full"|"diff", "ram_bytes_written", "paused_ms", "total_ms",
+    snapshot.create {"path": DIR, "resume": true, "diff_from": DIR?, "disks": "shared"|"overlay",
+                     "sync": true}
+        -> {"path", "id", "type": "full"|"diff", "ram_bytes_written", "synced", "paused_ms", "total_ms",
             "phases_ms": {"capture", "ram", "commit", "digest"}, "state",
             "disks"?: {"S.F": {"mode", "frozen", "now"}}}
         disks=overlay: each writable qcow2 disk switches to a new overlay at the
@@ -10,6 +11,10 @@
         The VM resumes once RAM is copied (to the page cache); the RAM digest is
         then read back from the file while it is fsynced, the other files are
         fsynced and the manifest digest written: the reply comes after that.
+        sync=false (Firecracker's sync_snapshot_files=false): no fsync, the
+        reply comes once the snapshot is complete in the page cache; for a
+        pipeline that copies or transforms it next. A crash can then tear it;
+        restore refuses a torn one by its digests.
 
 While it runs, vm.info's "snapshot" holds {"phase", "bytes_done", "bytes_total", "path"}.
 """
@@ -31,6 +36,9 @@ CREATE_PARAMS = {
                                  "live images; overlay: each writable qcow2 disk switches to a new "
                                  "external overlay at the snapshot point and the snapshot keeps the "
                                  "image as it was (raw disks are refused)"},
+        "sync": {"type": "boolean",
+                 "description": "fsync the snapshot before replying (default true); false: reply once it "
+                                "is complete in the page cache (a crash may tear it: refused at restore)"},
     },
     "required": ["path"],
     "additionalProperties": False,
@@ -41,6 +49,7 @@ CREATE_RESULT = {
         "path": {"type": "string"}, "id": {"type": "string"},
         "type": {"type": "string", "enum": ["full", "diff"]},
         "ram_bytes_written": {"type": "integer", "minimum": 0},
+        "synced": {"type": "boolean", "description": "the snapshot was on disk (fsynced) at the reply"},
         "paused_ms": {"type": "number"}, "total_ms": {"type": "number"},
         "phases_ms": {"type": "object", "description": "capture (devices, vCPUs, VM; includes disks), ram (the copy, paused), "
                                                        "commit (after the resume: RAM digest, fsyncs, manifest), digest (its RAM digest part); "
@@ -55,7 +64,7 @@ CREATE_RESULT = {
 
 def register(registry: Registry, control) -> None:
     async def create(params: dict) -> dict:
-        extra = {"disks": params["disks"]} if "disks" in params else {}
+        extra = {k: params[k] for k in ("disks", "sync") if k in params}
         return await control.snapshot(params["path"], params.get("resume", True), params.get("diff_from"),
                                       **extra)
 

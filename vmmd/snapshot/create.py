@@ -106,9 +106,11 @@ def save_vm_section(machine) -> dict:
 
 
 async def create(machine, path: str, resume: bool = True, diff_from: str | None = None,
-                 disks: str = "shared") -> dict:
+                 disks: str = "shared", sync: bool = True) -> dict:
     """The body of snapshot.create (the caller holds the machine's transition lock
-    and has checked the state). Returns a summary."""
+    and has checked the state). Returns a summary. sync=False: the reply comes
+    once the snapshot is complete in the page cache, not on disk (no fsync; the
+    digests still make a torn snapshot refused at restore)."""
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     if disks not in diskio.DISK_MODES:
@@ -227,11 +229,11 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
     progress["phase"] = "writing"
     t_commit = time.monotonic()
     try:
-        digest = await loop.run_in_executor(None, _ram_digest, writer, machine.memory.size, ram_runs)
+        digest = await loop.run_in_executor(None, _ram_digest, writer, machine.memory.size, ram_runs, sync)
         digest_ms = (time.monotonic() - t_commit) * 1000
         await loop.run_in_executor(None, write_sections, digest)
         progress["phase"] = "committing"
-        await loop.run_in_executor(None, writer.commit, manifest)
+        await loop.run_in_executor(None, writer.commit, manifest, sync)
     except BaseException:
         machine.snapshot_base = None
         shutil.rmtree(writer.path, ignore_errors=True)
@@ -246,7 +248,7 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
                      for inst, e in disk_entries.items()}
     return {"path": os.path.abspath(path), "id": snap_id, "type": "diff" if parent else "full",
             **({"disks": out_disks} if out_disks is not None else {}),
-            "ram_bytes_written": written, "paused_ms": round(paused_ms, 1),
+            "ram_bytes_written": written, "synced": sync, "paused_ms": round(paused_ms, 1),
             "total_ms": round((now - t0) * 1000, 1),
             "phases_ms": {"capture": round((t_capture - paused_at) * 1000, 1),
                           "ram": round((t_ram - t_capture) * 1000, 1),
@@ -256,11 +258,13 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
             "state": machine.state}
 
 
-def _ram_digest(writer, size: int, runs) -> str:
+def _ram_digest(writer, size: int, runs, sync: bool = True) -> str:
     """The RAM image's digest, read back from the file while its fsync runs
     (the commit's fsync of it then finds little left to do)."""
     fd = os.open(os.path.join(writer.path, "ram.img"), os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if not sync:
+            return ramio.digest_runs(fd, size, runs)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-sync") as ex:
             synced = ex.submit(os.fsync, fd)
             try:

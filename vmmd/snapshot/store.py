@@ -63,10 +63,18 @@ class SnapshotWriter:
         self.sections.append(s)
         return s
 
-    def commit(self, manifest: dict) -> None:
+    def commit(self, manifest: dict, sync: bool = True) -> None:
+        """Write the manifest, then its digest (the commit point). sync: every
+        file and the directory reach the disk before the commit point does, and
+        it before this returns; without, they stay in the page cache (a crash
+        can then leave a committed snapshot whose sections fail their digests:
+        refused at restore, never run)."""
         manifest = dict(manifest, sections=[s.to_json() for s in self.sections])
         body, digest = fmt.encode_manifest(manifest)
         self.write_file(fmt.MANIFEST, body)
+        if not sync:
+            self.write_file(fmt.MANIFEST_DIGEST, digest)
+            return
         dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name in os.listdir(self.path):
