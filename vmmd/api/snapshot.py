@@ -12,9 +12,10 @@
         then read back from the file while it is fsynced, the other files are
         fsynced and the manifest digest written: the reply comes after that.
         sync=false (Firecracker's sync_snapshot_files=false): no fsync, the
-        reply comes once the snapshot is complete in the page cache; for a
-        pipeline that copies or transforms it next. A crash can then tear it;
-        restore refuses a torn one by its digests.
+        reply comes once the snapshot is complete in the page cache (the
+        RAM digest is then taken during the copy); for a pipeline that copies
+        or transforms it next. A crash can then tear it; restore refuses a
+        torn one by its digests.
 
 While it runs, vm.info's "snapshot" holds {"phase", "bytes_done", "bytes_total", "path"}.
 """

@@ -169,17 +169,23 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
         t_capture = time.monotonic()
         include = dirty_mask(machine) if parent else None
 
+        # Where the digest costs least: with sync, read back from the file
+        # beside its fsync, after the resume (the disk is slower than
+        # SHA-256); without, taken by the scanning thread during the copy,
+        # beside the kernel's copy on the other core (it would otherwise be
+        # all that is left after the resume).
+        paused_digest = None if sync else ramio.RamDigest(machine.memory.size)
+
         def copy_ram():
             fd = writer.open("ram.img")
             try:
                 mem = machine.memory
                 return ramio.copy_ram(mem._view, mem.fd, mem.size, fd, include,
-                                      progress=lambda done: progress.__setitem__("bytes_done", done))
+                                      progress=lambda done: progress.__setitem__("bytes_done", done),
+                                      digest=paused_digest)
             finally:
                 os.close(fd)
 
-        # Only the copy needs the guest stopped: the digest is taken from the
-        # file once the guest runs again, beside the fsync (digest_runs).
         ram_runs, written = await loop.run_in_executor(None, copy_ram)
 
         t_ram = time.monotonic()
@@ -229,7 +235,10 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
     progress["phase"] = "writing"
     t_commit = time.monotonic()
     try:
-        digest = await loop.run_in_executor(None, _ram_digest, writer, machine.memory.size, ram_runs, sync)
+        if paused_digest is not None:
+            digest = paused_digest.hexdigest()
+        else:
+            digest = await loop.run_in_executor(None, _ram_digest, writer, machine.memory.size, ram_runs)
         digest_ms = (time.monotonic() - t_commit) * 1000
         await loop.run_in_executor(None, write_sections, digest)
         progress["phase"] = "committing"
@@ -258,13 +267,11 @@ async def create(machine, path: str, resume: bool = True, diff_from: str | None 
             "state": machine.state}
 
 
-def _ram_digest(writer, size: int, runs, sync: bool = True) -> str:
+def _ram_digest(writer, size: int, runs) -> str:
     """The RAM image's digest, read back from the file while its fsync runs
     (the commit's fsync of it then finds little left to do)."""
     fd = os.open(os.path.join(writer.path, "ram.img"), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if not sync:
-            return ramio.digest_runs(fd, size, runs)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ram-sync") as ex:
             synced = ex.submit(os.fsync, fd)
             try:

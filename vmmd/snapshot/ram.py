@@ -173,15 +173,18 @@ SCAN = 4 << 20     # scan for zero pages and hash in pieces that stay in the CPU
 BATCH = 32 << 20   # hand writes and copies to the other thread in batches this big
 
 
-def _scan(view, start: int, length: int, include, runs: list) -> int:
+def _scan(view, start: int, length: int, include, runs: list, digest=None) -> int:
     """Append to `runs` the (offset, length) of each run of non-zero pages of
     view[start:start+length] (memfd offsets), SCAN bytes at a time; only pages
-    set in `include` (bytes, one per page) when given. Returns their bytes."""
+    set in `include` (bytes, one per page) when given; and feed them to
+    `digest` when given, while each piece is in cache. Returns their bytes."""
     found = 0
     for sstart in range(start, start + length, SCAN):
         for off, n in nonzero_runs(view, sstart, min(sstart + SCAN, start + length), include):
             runs.append((off, n))
             found += n
+            if digest is not None:
+                digest.add_run(off // PAGE, view[off:off + n])
     return found
 
 
@@ -189,9 +192,7 @@ def _scan_and_hash(digest: RamDigest, view, start: int, length: int) -> None:
     """Feed the non-zero pages of view[start:start+length] to `digest`, SCAN
     bytes at a time (the zero-page scan and SHA-256 read each piece while it
     is in cache; SHA-256 releases the GIL)."""
-    for sstart in range(start, start + length, SCAN):
-        for off, n in nonzero_runs(view, sstart, min(sstart + SCAN, start + length)):
-            digest.add_run(off // PAGE, view[off:off + n])
+    _scan(view, start, length, None, [], digest)
 
 
 def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
@@ -202,12 +203,14 @@ def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
 
 
 def copy_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
-             include=None, progress=None) -> tuple[list, int]:
+             include=None, progress=None, digest=None) -> tuple[list, int]:
     """Write the non-zero pages of guest RAM (`view` over memfd `mem_fd`) to
     `out_fd` at their memfd offsets; only pages set in `include` when given
     (a diff). Returns (the runs written, bytes written); the file is
     truncated to `size`. This is the part a snapshot pauses the guest for:
-    the digest (digest_runs) reads the file afterwards, while the guest runs.
+    the digest (digest_runs) can read the file afterwards, while the guest
+    runs; or, given `digest` (a RamDigest), this thread feeds it the same
+    pages as it finds them, beside the other thread's copy.
 
     This thread scans for zero pages (no copy: views of guest memory) while a
     writer thread copies the runs found, in batches, memfd to file in the
@@ -244,7 +247,7 @@ def copy_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
             for start, length in data_extents(mem_fd, size):
                 for cstart in range(start, start + length, BATCH):
                     clen = min(BATCH, start + length - cstart)
-                    n = _scan(view, cstart, clen, include, runs)
+                    n = _scan(view, cstart, clen, include, runs, digest)
                     written += n
                     batch += n
                     if batch >= BATCH:
