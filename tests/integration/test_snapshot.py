@@ -39,6 +39,16 @@ def kill(vm: VmmdProcess) -> None:
     vm.crash()
 
 
+def restore_and_see_passes(tmp, snap) -> None:
+    """Restore an incrementer snapshot and see it finish two more passes."""
+    vm = restore(tmp, snap)
+    try:
+        vm.wait_api()
+        vm.wait_for("BB", 60)
+    finally:
+        kill(vm)
+
+
 def merged_ram(snap: Path, tmp: Path) -> Path:
     """The full RAM image a snapshot (or diff chain) stands for."""
     manifest = json.loads((snap / "manifest.json").read_text())
@@ -102,12 +112,7 @@ def test_incrementer_snapshot_kill_restore_continues(tmp_path, test_guests):
     finally:
         kill(vm2)
     check_ram(tmp_path / "s2" / "ram.img")  # the invariant still holds after it ran on
-    vm3 = restore(tmp_path / "c", tmp_path / "s2")
-    try:
-        vm3.wait_api()
-        vm3.wait_for("BB", 60)
-    finally:
-        kill(vm3)
+    restore_and_see_passes(tmp_path / "c", tmp_path / "s2")
 
 
 def test_incrementer_diff_chain_restore_and_merge(tmp_path, test_guests):
@@ -159,12 +164,7 @@ def test_incrementer_diff_chain_restore_and_merge(tmp_path, test_guests):
         kill(vm2)
     check_ram(merged_ram(tmp_path / "s4", tmp_path))
     # the merged full snapshot restores like the chain
-    vm3 = restore(tmp_path / "c", tmp_path / "merged-s3")
-    try:
-        vm3.wait_api()
-        vm3.wait_for("BB", 60)
-    finally:
-        kill(vm3)
+    restore_and_see_passes(tmp_path / "c", tmp_path / "merged-s3")
 
 
 # Fields that must change between a snapshot and the snapshot of its restore
