@@ -188,13 +188,6 @@ def _scan(view, start: int, length: int, include, runs: list, digest=None) -> in
     return found
 
 
-def _scan_and_hash(digest: RamDigest, view, start: int, length: int) -> None:
-    """Feed the non-zero pages of view[start:start+length] to `digest`, SCAN
-    bytes at a time (the zero-page scan and SHA-256 read each piece while it
-    is in cache; SHA-256 releases the GIL)."""
-    _scan(view, start, length, None, [], digest)
-
-
 def save_ram(view: memoryview, mem_fd: int, size: int, out_fd: int,
              include=None, progress=None) -> tuple[str, int]:
     """copy_ram then digest_runs: (digest, bytes written)."""
@@ -293,9 +286,8 @@ _NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 def _sendfile_all(in_fd: int, out_fd: int, off: int, length: int, what: str) -> None:
     """in_fd[off:off+length] to out_fd at the same offset, inside the kernel
-    (page cache to page cache: no page faults in this process; in vmmd,
-    pwrite from its mapping of guest memory ran at ~450 MB/s, sendfile at
-    ~1.7 GB/s). `what` names in_fd in the error when it ends early."""
+    (page cache to page cache: no page faults in this process, no copy
+    through a mapping). `what` names in_fd in the error when it ends early."""
     os.lseek(out_fd, off, os.SEEK_SET)   # sendfile then moves the position on
     end = off + length
     while off < end:
@@ -360,7 +352,7 @@ def load_ram(in_fd: int, size: int, view: memoryview, mask_out=None,
         try:
             for (off, n), done in zip(pieces, copies):
                 done.result()
-                _scan_and_hash(digest, view, off, n)
+                _scan(view, off, n, None, [], digest)  # hashed while each piece is in cache
         finally:
             for f in copies:
                 f.cancel()
